@@ -1,0 +1,194 @@
+"""Shard layout shared by every data stage (see DESIGN.md, "Data contracts").
+
+`DIR/{shard:05d}.tar` (WebDataset: KEY.jpg, KEY.txt, KEY.json), `DIR/{shard:05d}.parquet` (one
+row per input sample, failures included) and `DIR/{shard:05d}_stats.json`, written last and
+atomically: a shard is complete iff its stats file exists. `DIR/_SUCCESS` + `DIR/manifest.json`
+mark a whole output. These follow img2dataset's conventions so webdataset, open_clip's
+`--train-data` and img2dataset users' scripts read our shards unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+SUCCESS_FILE = "_SUCCESS"
+MANIFEST_FILE = "manifest.json"
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+def sample_key(shard: int, index: int) -> str:
+    """Deterministic key: shard and position of the sample in the input order."""
+    return f"{shard:05d}{index:04d}"
+
+
+def tar_path(out: Path, shard: int) -> Path:
+    return Path(out) / f"{shard_name(shard)}.tar"
+
+
+def parquet_path(out: Path, shard: int) -> Path:
+    return Path(out) / f"{shard_name(shard)}.parquet"
+
+
+def stats_path(out: Path, shard: int) -> Path:
+    return Path(out) / f"{shard_name(shard)}_stats.json"
+
+
+def is_complete(out: Path, shard: int) -> bool:
+    return stats_path(out, shard).is_file()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp name, fsync, rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def remove_shard(out: Path, shard: int) -> None:
+    """Delete a shard's files, stats first so it reads as incomplete at every moment."""
+    for path in (stats_path(out, shard), tar_path(out, shard), parquet_path(out, shard)):
+        path.unlink(missing_ok=True)
+    for tmp in Path(out).glob(f".{shard_name(shard)}*.tmp*"):  # temp files of killed writers
+        tmp.unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """Writes one shard: samples stream into a temp tar; `close` publishes tar, parquet, stats.
+
+    Samples may arrive in any order (downloads finish out of order); the parquet is sorted by
+    key so its content is the same for the same input.
+    """
+
+    def __init__(self, out: Path, shard: int):
+        self.out = Path(out)
+        self.shard = shard
+        self._tmp_tar = self.out / f".{shard_name(shard)}.tar.tmp{os.getpid()}"
+        self._tar = tarfile.open(self._tmp_tar, "w", format=tarfile.USTAR_FORMAT)
+        self.rows: list[dict] = []
+        self.bytes_written = 0
+        self._t0 = time.time()
+        self._mtime = 0  # fixed mtime: identical samples give identical tar members
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = self._mtime
+        info.mode = 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+        self.bytes_written += len(data)
+
+    def write_sample(self, key: str, image: bytes, ext: str, caption: str | None, meta: dict) -> None:
+        """Add one successful sample's files to the tar (its parquet row comes via `add_row`)."""
+        self._add_member(f"{key}.{ext}", image)
+        if caption is not None:
+            self._add_member(f"{key}.txt", caption.encode("utf-8"))
+        self._add_member(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
+
+    def write_files(self, key: str, files: dict[str, bytes]) -> None:
+        """Copy a sample's existing files unchanged (retry runs keep their successes)."""
+        for ext in sorted(files, key=lambda e: (e in ("txt", "json"), e)):
+            self._add_member(f"{key}.{ext}", files[ext])
+
+    def add_row(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        finally:
+            self._tmp_tar.unlink(missing_ok=True)
+
+    def close(self, extra_stats: dict | None = None) -> dict:
+        """Publish the shard: tar, then parquet, then stats (the completion marker)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._tar.close()
+        os.replace(self._tmp_tar, tar_path(self.out, self.shard))
+        rows = sorted(self.rows, key=lambda r: r["key"])
+        table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        atomic_write_bytes(parquet_path(self.out, self.shard), sink.getvalue())
+        stats = shard_stats(rows, self.shard, self.bytes_written, time.time() - self._t0)
+        stats.update(extra_stats or {})
+        atomic_write_json(stats_path(self.out, self.shard), stats)
+        return stats
+
+
+def shard_stats(rows: Iterable[dict], shard: int, nbytes: int, duration_s: float) -> dict:
+    rows = list(rows)
+    status = Counter(r["status"] for r in rows)
+    errors = Counter(_error_class(r.get("error_message")) for r in rows if r.get("error_message"))
+    return {
+        "shard": shard,
+        "count": len(rows),
+        "successes": status.get("success", 0),
+        "status_counts": dict(sorted(status.items())),
+        "error_counts": dict(errors.most_common(50)),
+        "bytes": nbytes,
+        "duration_s": round(duration_s, 3),
+    }
+
+
+def _error_class(message: str) -> str:
+    """Group error messages that differ only in details (sizes, urls) for the histogram."""
+    head = message.split(":", 1)[0]
+    return head if len(head) < 80 else head[:80]
+
+
+def read_stats(out: Path, shard: int) -> dict:
+    return json.loads(stats_path(out, shard).read_text())
+
+
+def complete_shards(out: Path) -> list[int]:
+    return sorted(int(p.name[:5]) for p in Path(out).glob("[0-9][0-9][0-9][0-9][0-9]_stats.json"))
+
+
+def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    """All samples of a shard tar as {key: {ext: bytes}} (for retries and tests)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def write_success(out: Path, manifest: dict) -> None:
+    """Mark a stage's output whole: manifest first, then the _SUCCESS marker."""
+    atomic_write_json(Path(out) / MANIFEST_FILE, manifest)
+    atomic_write_bytes(Path(out) / SUCCESS_FILE, b"")
+
+
+def clear_success(out: Path) -> None:
+    (Path(out) / SUCCESS_FILE).unlink(missing_ok=True)
+
+
+def read_manifest(out: Path) -> dict | None:
+    """The manifest of a whole output, or None if the output is not marked whole."""
+    out = Path(out)
+    if not (out / SUCCESS_FILE).is_file() or not (out / MANIFEST_FILE).is_file():
+        return None
+    return json.loads((out / MANIFEST_FILE).read_text())

@@ -1,0 +1,196 @@
+"""The one place stages talk to MLflow.
+
+Embedded default: a SQLite store `mlruns.db` and artifacts under `mlartifacts/` in the working
+directory; `MLFLOW_TRACKING_URI` points everything at a server instead. Each stage opens a
+`Run`, logs its flattened resolved config as params, metrics as it goes and artifacts at the
+end. Tracking must never take a job down: a failing or slow tracking call warns and the job
+goes on (the data written is the product; the run is its record).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from vlm.config import flatten, to_dict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB = "mlruns.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the embedded SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def _is_embedded(uri: str) -> bool:
+    return uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def _quiet_mlflow() -> None:
+    import mlflow  # noqa: F401  (its import configures the loggers we then quiet)
+
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="mlflow")
+
+
+def _safe(fn):
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as exc:  # tracking must not kill the job
+            log.warning("mlflow %s failed: %s", fn.__name__, str(exc).splitlines()[0] if str(exc) else exc)
+            return None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class Run:
+    """A live MLflow run. Methods never raise for tracking errors."""
+
+    def __init__(self, run_id: str, experiment: str, uri: str):
+        self.run_id = run_id
+        self.experiment = experiment
+        self.uri = uri
+        import mlflow
+
+        self._client = mlflow.MlflowClient(tracking_uri=uri)
+
+    @_safe
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_config(self, cfg: Any, prefix: str = "") -> None:
+        """Log a resolved config dataclass as flattened params, and as a YAML artifact."""
+        data = to_dict(cfg) if not isinstance(cfg, dict) else cfg
+        self.log_params(flatten(data, prefix))
+        import yaml
+
+        self.log_text(yaml.safe_dump(data, sort_keys=False), f"{prefix or 'config'}.yaml")
+
+    @_safe
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self._client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    @_safe
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    @_safe
+    def log_text(self, text: str, name: str) -> None:
+        self._client.log_text(self.run_id, text, name)
+
+    @_safe
+    def log_dict(self, data: dict, name: str) -> None:
+        self._client.log_dict(self.run_id, data, name)
+
+    @_safe
+    def log_image(self, image, name: str) -> None:
+        """Log a PIL image as a PNG artifact."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            image.save(path)
+            self._client.log_artifact(self.run_id, str(path))
+
+    @_safe
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self._client.set_tag(self.run_id, k, str(v))
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if _is_embedded(uri):
+        location = (Path.cwd() / DEFAULT_ARTIFACTS / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextmanager
+def start_run(
+    experiment: str,
+    run_name: str | None = None,
+    *,
+    tags: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+) -> Iterator[Run | None]:
+    """Open (or, with `run_id`, reopen) a run; ends it FINISHED, or FAILED on an exception.
+
+    Yields None (and the job goes on untracked) if the tracking store cannot be reached.
+    """
+    _quiet_mlflow()
+    uri = tracking_uri()
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        if run_id is None:
+            exp_id = _experiment_id(client, experiment, uri)
+            all_tags = {k: str(v) for k, v in (tags or {}).items()}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            if run_name:
+                all_tags["mlflow.runName"] = run_name
+            run_id = client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
+        else:
+            client.update_run(run_id, status="RUNNING")
+        run = Run(run_id, experiment, uri)
+    except Exception as exc:
+        log.warning("mlflow unavailable at %s (%s); continuing without tracking", uri, str(exc).splitlines()[0])
+        yield None
+        return
+    status = "FINISHED"
+    try:
+        yield run
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        try:
+            client.set_terminated(run_id, status=status)
+        except Exception as exc:
+            log.warning("mlflow set_terminated failed: %s", exc)
+
+
+def ui_hint() -> str:
+    """The command that opens the MLflow UI on the current store."""
+    uri = tracking_uri()
+    if _is_embedded(uri):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"open {uri} (MLFLOW_TRACKING_URI)"
