@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on embedded defaults, against a local web")
     p.add_argument("--output", default="demo_out", help="where the demo writes (default: demo_out)")
     p.add_argument("--n", type=int, default=3000, help="number of URLs the local web lists")
+    p.add_argument("--port", type=int, default=8731, help="local web port (fixed, so reruns see the same URLs)")
     _add_config_args(p)
 
     p = sub.add_parser("web", help="serve the local test web (digits + failures) on 127.0.0.1")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from collections import Counter
@@ -151,9 +152,9 @@ def shard_stats(rows: Iterable[dict], shard: int, nbytes: int, duration_s: float
 
 
 def _error_class(message: str) -> str:
-    """Group error messages that differ only in details (sizes, urls) for the histogram."""
-    head = message.split(":", 1)[0]
-    return head if len(head) < 80 else head[:80]
+    """Group error messages that differ only in details (sizes, urls, attempts) for the histogram."""
+    head = re.split(r"[:(]", message, maxsplit=1)[0].strip()
+    return head[:80] or message[:80]
 
 
 def read_stats(out: Path, shard: int) -> dict:

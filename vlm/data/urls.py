@@ -26,6 +26,7 @@ class InputConfig:
     caption_col: str | None = "caption"  # null: no captions (txt inputs never have one)
     format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = "auto"  # auto: from suffix
     carry_columns: list[str] | None = None  # extra input columns kept in metadata; null: all
+    column_names: list[str] | None = None  # for csv/tsv without a header line (CC3M's tsv)
     batch_rows: int = 8192  # rows per read batch; bounds driver memory
 
     def validate(self) -> None:
@@ -85,11 +86,12 @@ def input_format(path: Path, cfg: InputConfig) -> str:
 
 
 def file_digest(path: Path) -> dict:
-    """Cheap identity of an input file (path, size, mtime) plus sha256 of its first MiB."""
-    st = os.stat(path)
+    """Identity of an input file: resolved path, size and the sha256 of its content."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime": int(st.st_mtime), "head_sha256": head}
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return {"path": str(Path(path).resolve()), "size": os.stat(path).st_size, "sha256": digest.hexdigest()}
 
 
 def iter_rows(paths: list[Path], cfg: InputConfig) -> Iterator[list[dict]]:
@@ -162,10 +164,11 @@ def _csv(path: Path, cfg: InputConfig, fmt: str) -> Iterator[list[dict]]:
     # Every column as string: type inference per block would give the same column different
     # types in different batches, and URL lists carry ids that must not become floats.
     try:
-        header = pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter)).schema.names
+        names = cfg.column_names
+        header = names or pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter)).schema.names
         reader = pacsv.open_csv(
             path,
-            read_options=pacsv.ReadOptions(block_size=1 << 22),
+            read_options=pacsv.ReadOptions(block_size=1 << 22, column_names=names),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in header}),
         )
