@@ -1,0 +1,158 @@
+"""Build Flamingo from a FlamingoConfig: vision tower, LM, tokenizer with Flamingo's tokens, freezing.
+
+Added tokens. `<image>` marks where an image sits in the text, `<|endofchunk|>` ends the text that
+belongs to an image (OpenFlamingo's convention), and `<pad>` is added when the tokenizer has none.
+Instead of resizing the LM's embedding matrices, the model splits them (`DecoupledEmbedding`,
+`DecoupledLinear` in model.py): the pretrained table stays whole and frozen, a separate small table
+holds the added rows and is the only embedding parameter that trains. The optimizer and DeepSpeed ZeRO-3
+see two ordinary parameters; there are no gradient hooks that would have to know how ZeRO-3 partitions
+a shared matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlm.models.flamingo.config import FlamingoConfig
+from vlm.models.flamingo.model import Flamingo
+from vlm.models.flamingo.tokenizer import offline_tokenizer
+from vlm.models.flamingo.vision import build_vision_tower
+
+MEDIA_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<pad>"
+
+
+@dataclass(frozen=True)
+class FlamingoTokens:
+    """Ids of Flamingo's tokens; ids num_base_tokens .. num_base_tokens + num_new_tokens - 1 are the added rows."""
+
+    media_token_id: int
+    end_of_chunk_token_id: int
+    pad_token_id: int
+    num_base_tokens: int
+    num_new_tokens: int
+
+
+def lm_config(cfg: FlamingoConfig):
+    """The transformers config of the LM: from `cfg.lm_config` if given (no download), else from the path."""
+    from transformers import AutoConfig
+
+    if cfg.lm_config is not None:
+        values = dict(cfg.lm_config)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    return AutoConfig.from_pretrained(cfg.lm_name_or_path)
+
+
+def build_lm(cfg: FlamingoConfig) -> nn.Module:
+    """Pretrained weights from `cfg.lm_name_or_path` (local dir or hub id), else a random LM from `lm_config`."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.lm_name_or_path is not None:
+        return AutoModelForCausalLM.from_pretrained(cfg.lm_name_or_path)
+    return AutoModelForCausalLM.from_config(lm_config(cfg))
+
+
+def build_tokenizer(cfg: FlamingoConfig):
+    """The LM's own tokenizer when it has a path; the offline byte-level BPE for config-built LMs."""
+    if cfg.lm_name_or_path is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(cfg.lm_name_or_path)
+    return offline_tokenizer()
+
+
+def add_flamingo_tokens(tokenizer) -> FlamingoTokens:
+    """Add <image>, <|endofchunk|> (and <pad> if missing) to the tokenizer; idempotent.
+
+    The added tokens must end up as the tokenizer's last ids, which is where tokenizers put new tokens.
+    """
+    # add_tokens(special_tokens=True) is the same call in transformers 4 and 5 (the special-token dict keys differ)
+    tokenizer.add_tokens([MEDIA_TOKEN, END_OF_CHUNK_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    media, eoc = tokenizer.convert_tokens_to_ids([MEDIA_TOKEN, END_OF_CHUNK_TOKEN])
+    new_ids = {media, eoc}
+    if tokenizer.pad_token == PAD_TOKEN:
+        new_ids.add(tokenizer.pad_token_id)
+    first = min(new_ids)
+    if sorted(new_ids) != list(range(first, len(tokenizer))):
+        raise ValueError(f"Flamingo's tokens {sorted(new_ids)} are not the last ids of a tokenizer of {len(tokenizer)}")
+    return FlamingoTokens(media, eoc, tokenizer.pad_token_id, first, len(new_ids))
+
+
+def assemble(cfg: FlamingoConfig, vision: nn.Module, lm: nn.Module, tokens: FlamingoTokens) -> Flamingo:
+    """Flamingo around given towers, frozen for training, with gradient checkpointing as configured."""
+    model = Flamingo(
+        cfg,
+        vision,
+        lm,
+        media_token_id=tokens.media_token_id,
+        num_base_tokens=tokens.num_base_tokens,
+        num_new_tokens=tokens.num_new_tokens,
+    )
+    model.freeze_for_training()
+    if cfg.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
+    return model
+
+
+def build_flamingo(cfg: FlamingoConfig, tokenizer=None) -> tuple[Flamingo, object]:
+    """(model, tokenizer) ready to train: Flamingo's tokens added, vision and LM frozen.
+
+    Args:
+        cfg: the model config.
+        tokenizer: a tokenizer to use instead of the LM's own / the offline one; Flamingo's tokens are added.
+    """
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
+    tokens = add_flamingo_tokens(tokenizer)
+    vision = build_vision_tower(cfg.vision_model, cfg.vision_checkpoint)
+    lm = build_lm(cfg)
+    return assemble(cfg, vision, lm, tokens), tokenizer
+
+
+def count_parameters(cfg: FlamingoConfig, tokenizer=None) -> dict[str, int]:
+    """Parameter counts by part, from the model built on the meta device (no memory, no download).
+
+    Keys: vision, lm (both frozen), resampler, xattn, new_token_embeddings (the added rows, input and
+    output, tied rows counted once), total, trainable. Without a tokenizer the LM config's whole vocab
+    counts as base and three tokens are assumed added (<image>, <|endofchunk|>, <pad>).
+    """
+    from transformers import AutoModelForCausalLM
+
+    lm_cfg = lm_config(cfg)
+    if tokenizer is not None:
+        tokens = add_flamingo_tokens(tokenizer)
+    else:
+        base = lm_cfg.get_text_config().vocab_size
+        tokens = FlamingoTokens(base, base + 1, base + 2, base, 3)
+    with torch.device("meta"):
+        vision = build_vision_tower(cfg.vision_model)
+        lm = AutoModelForCausalLM.from_config(lm_cfg)
+        model = assemble(cfg, vision, lm, tokens)
+
+    def unique(modules) -> dict[int, nn.Parameter]:
+        return {id(p): p for m in modules for p in m.parameters()}
+
+    all_params = unique([model])
+    vision_params = unique([model.vision_encoder])
+    resampler_params = unique([model.resampler])
+    xattn_params = unique(layer.gated_xattn for layer in model.flamingo_layers())
+    new_params = unique([model.lm.get_input_embeddings().new, model.lm.get_output_embeddings().new])
+    lm_params = {k: p for k, p in unique([model.lm]).items() if k not in xattn_params and k not in new_params}
+
+    def n(params: dict[int, nn.Parameter]) -> int:
+        return sum(p.numel() for p in params.values())
+
+    return {
+        "vision": n(vision_params),
+        "lm": n(lm_params),
+        "resampler": n(resampler_params),
+        "xattn": n(xattn_params),
+        "new_token_embeddings": n(new_params),
+        "total": n(all_params),
+        "trainable": n({k: p for k, p in all_params.items() if p.requires_grad}),
+    }
