@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="re-download only samples that failed retryably")
     _add_config_args(p)
 
+    train = sub.add_parser("train", help="train a model on Ray Train + DeepSpeed")
+    models = train.add_subparsers(dest="model", required=True)
+    p = models.add_parser("clip", help="contrastive CLIP pretraining (open_clip)")
+    p.add_argument("--data", required=True, help="shard directory, glob, or comma-separated list")
+    p.add_argument("--output", default=None, help="run directory (default: outputs/train-clip)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    _add_config_args(p)
+
     p = sub.add_parser("demo", help="the whole pipeline on embedded defaults, against a local web")
     p.add_argument("--output", default="demo_out", help="where the demo writes (default: demo_out)")
     p.add_argument("--n", type=int, default=3000, help="number of URLs the local web lists")
@@ -65,6 +73,23 @@ def _cmd_ingest(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from pipelines.train_clip import TrainClipConfig, train_clip
+    from vlm import tracking
+    from vlm.config import load_config
+
+    cfg = load_config(TrainClipConfig, args.config, args.overrides)
+    output = args.output or f"outputs/train-{args.model}"
+    result = train_clip(args.data, output, cfg, resume=args.resume, address=args.address)
+    print(f"trained {cfg.model.preset} for {result['steps']} steps; model exported to {result['export']}")
+    for key, value in sorted(result["eval"].items()):
+        if key != "step":
+            print(f"  {key:<24} {value:.4f}")
+    if result.get("mlflow_run_id"):
+        print(f"mlflow run: {result['mlflow_run_id']}  (view: {tracking.ui_hint()})")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from pipelines.demo import run_demo
 
@@ -80,7 +105,7 @@ def _cmd_web(args) -> int:
     return web_main(argv) or 0
 
 
-COMMANDS = {"ingest": _cmd_ingest, "demo": _cmd_demo, "web": _cmd_web}
+COMMANDS = {"ingest": _cmd_ingest, "train": _cmd_train, "demo": _cmd_demo, "web": _cmd_web}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,7 @@ def test_override_parsing():
     tree = parse_overrides(["a.b=1", "a.c=true", "d=[x, y]", "e=null"])
     assert tree == {"a": {"b": 1, "c": True}, "d": ["x", "y"], "e": None}
     assert load_config(IngestConfig, None, ["image.max_aspect_ratio=inf"]).image.max_aspect_ratio == math.inf
+    assert load_config(IngestConfig, None, ["download.timeout_s=2e-1"]).download.timeout_s == 0.2
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["novalue"])
 

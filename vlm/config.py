@@ -100,8 +100,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and value.lower() in ("inf", ".inf", "infinity"):
-            return math.inf
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `2e-3` as a string; a number is what the user meant.
+            try:
+                return float(value.replace(".inf", "inf"))
+            except ValueError:
+                pass
         raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -64,9 +64,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
             raise ClusterError(f"cannot connect to Ray at {address}: {first}") from None
         where = f"ray cluster at {address}"
     else:
+        # The dashboard serves the State API that Ray Train's controller polls (and, later,
+        # job submission); bound to loopback only.
         ray.init(
             num_cpus=num_cpus,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             logging_level=logging.WARNING,
             log_to_driver=True,
         )

@@ -194,3 +194,52 @@ def ui_hint() -> str:
     if _is_embedded(uri):
         return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     return f"open {uri} (MLFLOW_TRACKING_URI)"
+
+
+class AsyncMetricLogger:
+    """Logs metrics to an existing run from a background thread with a bounded queue.
+
+    Training calls `log` and moves on; if the tracking server is slow or down the queue fills
+    and the oldest points are dropped (counted, and reported at close) instead of blocking.
+    """
+
+    def __init__(self, uri: str | None, run_id: str, max_queue: int = 10_000):
+        import queue
+        import threading
+
+        self.run_id = run_id
+        self.uri = uri or tracking_uri()
+        self.dropped = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.run = None
+        try:
+            _quiet_mlflow()
+            self.run = Run(run_id, "", self.uri)
+        except Exception as exc:
+            log.warning("mlflow unavailable at %s (%s); metrics are not logged", self.uri, exc)
+        self._thread = threading.Thread(target=self._drain, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import queue
+
+        try:
+            self._queue.put_nowait((dict(metrics), step))
+        except queue.Full:
+            self.dropped += 1
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            metrics, step = item
+            if self.run is not None:
+                self.run.log_metrics(metrics, step=step)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Flush what is queued (bounded by `timeout_s`) and stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=timeout_s)
+        if self.dropped:
+            log.warning("dropped %d metric points while the tracking store was slow", self.dropped)

@@ -1,0 +1,259 @@
+"""`vlm train clip`: contrastive pretraining of open_clip CLIP on Ray Train + DeepSpeed ZeRO.
+
+parse -> build (config, Ray Data pipeline, TorchTrainer) -> train -> close. The per-worker loop
+is `vlm.train.loop.train_worker`; this module supplies the CLIP task and wires it to Ray.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlm.config import to_dict, write_config
+from vlm.data.clip_data import ClipDataConfig
+from vlm.errors import InputError
+from vlm.models.clip.build import CLIPModelConfig
+from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig, deepspeed_config
+
+
+@dataclass
+class ClipLossConfig:
+    local_loss: bool = False  # only this rank's rows of the logit matrix (same gradients)
+    gather_with_grad: bool = True  # all-gather features with gradients (global-batch negatives)
+    max_logit_scale: float = 100.0  # CLIP clamps the temperature so logits scale <= 100
+
+
+@dataclass
+class ClipEvalConfig:
+    digits: bool = True  # zero-shot + retrieval on the held-out handwritten digits
+    image_size: int = 64  # size the held-out digits are stored at (as ingest stores training data)
+    limit: int | None = None  # evaluate on the first N held-out digits only
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "train-clip"
+    run_name: str | None = None
+
+
+@dataclass
+class TrainClipConfig:
+    model: CLIPModelConfig = field(default_factory=CLIPModelConfig)
+    data: ClipDataConfig = field(default_factory=ClipDataConfig)
+    loss: ClipLossConfig = field(default_factory=ClipLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    eval: ClipEvalConfig = field(default_factory=ClipEvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+class ClipTask:
+    """The CLIP `TrainTask`: open_clip model, global-batch contrastive loss, export, eval."""
+
+    def __init__(self, cfg: TrainClipConfig):
+        self.cfg = cfg
+
+    def build_model(self):
+        from vlm.models.clip.build import build_clip
+
+        model, _, self.model_cfg = build_clip(self.cfg.model)
+        return model
+
+    def loss(self, model, batch, dist):
+        from vlm.models.clip.loss import clip_loss
+
+        images = batch["image"].to(dist.device, dist.dtype)
+        text = batch["text"].to(dist.device)
+        image_f, text_f, scale = model(images, text)
+        scale = scale.clamp(max=self.cfg.loss.max_logit_scale)
+        return clip_loss(
+            image_f.float(),
+            text_f.float(),
+            scale.float(),
+            rank=dist.rank,
+            world=dist.world,
+            local_loss=self.cfg.loss.local_loss,
+            gather_with_grad=self.cfg.loss.gather_with_grad,
+        )
+
+    def export(self, state_dict, out_dir):
+        from vlm.models.clip.build import export_clip, model_config
+
+        export_clip(state_dict, model_config(self.cfg.model.preset), out_dir, self.cfg.model.preset)
+
+    def evaluate(self, export_dir, run) -> dict:
+        if not self.cfg.eval.digits:
+            return {}
+        return evaluate_export(export_dir, self.cfg.eval, run)
+
+
+def evaluate_export(export_dir, eval_cfg: ClipEvalConfig, run=None) -> dict:
+    """Zero-shot + retrieval of an exported model on held-out digits; plot logged to `run`."""
+    from open_clip.transform import image_transform
+
+    from vlm.models.clip.build import load_export
+    from vlm.models.clip.zeroshot import confusion_plot, digits_eval_set, evaluate
+
+    model, tokenizer = load_export(export_dir)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    preprocess = image_transform(size, is_train=False)
+    data = digits_eval_set(eval_cfg.image_size, eval_cfg.limit)
+    result = evaluate(model, tokenizer, preprocess, data)
+    if run is not None:
+        run.log_image(confusion_plot(result["confusion"], data.classnames), "zeroshot_confusion.png")
+    return result["metrics"]
+
+
+def _clip_worker(config: dict) -> None:
+    from vlm.train.loop import train_worker
+
+    cfg = config["cfg"]
+    train_worker(lambda: ClipTask(cfg), config["spec"])
+
+
+def find_shards(spec: str) -> list[str]:
+    """Tar shards from a directory, a glob, or a comma-separated list of those."""
+    paths: list[str] = []
+    for part in [p for p in str(spec).split(",") if p]:
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+        else:
+            found = sorted(glob.glob(part))
+        paths += [os.path.abspath(p) for p in found if p.endswith(".tar")]
+    if not paths:
+        raise InputError(f"no WebDataset shards (*.tar) found at {spec}")
+    return paths
+
+
+def _state_path(out: Path) -> Path:
+    return out / "train_state.json"
+
+
+def train_clip(
+    data: str,
+    output: str | Path,
+    cfg: TrainClipConfig,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    """Run CLIP training; returns {"eval": metrics, "mlflow_run_id", "export", "steps"}."""
+    import time
+
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from vlm import tracking
+    from vlm.data.clip_data import ClipPreprocess
+    from vlm.models.clip.build import model_config
+    from vlm.runtime import init_ray
+    from vlm.train.config import micro_batch_size
+    from vlm.train.loop import LoopSpec
+
+    shards = find_shards(data)
+    mcfg = model_config(cfg.model.preset)
+    micro = micro_batch_size(cfg.train, cfg.scaling.num_workers)
+    out = Path(output).resolve()
+    state_file = _state_path(out)
+    previous = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if resume and previous is None:
+        raise InputError(f"nothing to resume: {out} holds no training run (no train_state.json)")
+    if not resume and previous is not None:
+        raise InputError(f"{out} already holds a training run; pass --resume to continue it, or use a new --output")
+    ds_config = deepspeed_config(
+        cfg.optim, cfg.deepspeed, cfg.train, cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
+    )
+
+    local_cpus = (os.cpu_count() or 2) + int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.999)
+    init_ray(address, num_cpus=local_cpus)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out / "config.yaml")
+    (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+    run_name = previous["ray_run_name"] if previous else f"clip-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    with tracking.start_run(
+        cfg.tracking.experiment,
+        cfg.tracking.run_name or f"clip-{cfg.model.preset}-{out.name}",
+        tags={"stage": "train-clip", "output": str(out), "data": data},
+        run_id=previous.get("mlflow_run_id") if previous else None,
+        parent_run_id=parent_run_id,
+    ) as run:
+        run_id = run.run_id if run else None
+        state = {"ray_run_name": run_name, "mlflow_run_id": run_id, "data": shards}
+        state_file.write_text(json.dumps(state, indent=2))
+        if run and not previous:
+            run.log_config(cfg)
+            run.log_params({f"ds.{k}": v for k, v in _flat_ds(ds_config).items()})
+            run.log_params({"data.num_shards": len(shards), "micro_batch_size": micro})
+            run.log_dict(ds_config, "deepspeed.json")
+
+        size = mcfg["vision_cfg"]["image_size"]
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if cfg.data.shuffle_files else None)
+        ds = ds.map_batches(ClipPreprocess(cfg.model.preset, size, cfg.data), batch_size=64, batch_format="numpy")
+
+        spec = LoopSpec(
+            deepspeed=ds_config,
+            max_steps=cfg.train.max_steps,
+            micro_batch=micro,
+            log_every=cfg.train.log_every,
+            checkpoint_every=cfg.train.checkpoint_every,
+            seed=cfg.train.seed,
+            torch_threads=cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)),
+            output_dir=str(out),
+            mlflow_uri=tracking.tracking_uri(),
+            mlflow_run_id=run_id,
+            config=to_dict(cfg),
+        )
+        resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+        if cfg.scaling.use_gpu:
+            resources["GPU"] = cfg.scaling.gpus_per_worker
+        trainer = TorchTrainer(
+            _clip_worker,
+            train_loop_config={"cfg": cfg, "spec": spec},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                name=run_name,
+                storage_path=str(out / "ray"),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            ),
+            datasets={"train": ds},
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        eval_path = out / "eval.json"
+        evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+        if run:
+            run.log_artifact(out / "export", "model")
+            run.log_artifact(out / "config.yaml")
+        return {
+            "eval": evals,
+            "mlflow_run_id": run_id,
+            "export": str(out / "export"),
+            "steps": evals.get("step"),
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        }
+
+
+def _flat_ds(ds: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in ds.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flat_ds(v, name + "."))
+        else:
+            flat[name] = v
+    return flat

@@ -1,0 +1,122 @@
+"""CLIP training batches from WebDataset shards: pick a caption, decode, augment, tokenize.
+
+`ClipPreprocess` is a Ray Data batch transform (a callable class, so the tokenizer is built
+once per worker) that turns raw shard rows (`jpg`/`png`/`webp` bytes, `txt`, `json`) into
+`image` float32 (B, 3, S, S) and `text` int64 (B, context) arrays, on CPU workers, so the
+training workers only run the model.
+
+Caption choice (`caption_source`), for shards written by ingest or by the cleaning stages:
+- `original`: the sample's `txt` (after CapFilt: the chosen caption), else the url list's caption;
+- `synthetic`: a synthetic caption from `KEY.json`'s candidates (falls back to original);
+- `random_kept`: a random pick among the kept candidates, new each epoch (what BLIP-2 does
+  with CapFilt output).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+@dataclass
+class ClipDataConfig:
+    caption_source: Literal["original", "synthetic", "random_kept"] = "original"
+    augment: bool = True  # random resized crop (scale 0.8-1) for training
+    crop_scale_min: float = 0.8
+    shuffle_files: bool = True
+    heldout_fraction: float = 0.0  # fraction of samples (by key hash) kept out of training
+
+
+def pick_caption(txt: str | None, meta: dict | None, source: str, rng: random.Random) -> str:
+    """Choose the training caption of one sample (see module docstring)."""
+    candidates = (meta or {}).get("candidates") or []
+    kept = [c for c in candidates if c.get("kept", True)]
+    if source == "synthetic":
+        synth = [c["text"] for c in kept if c.get("source") == "synthetic"]
+        if synth:
+            return rng.choice(synth)
+    elif source == "random_kept" and kept:
+        return rng.choice([c["text"] for c in kept])
+    if txt:
+        return txt
+    return (meta or {}).get("caption") or ""
+
+
+def _to_text(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def load_rgb(data: bytes, size: int, augment: bool, rng: random.Random, scale_min: float = 0.8):
+    """Decode to RGB, random-resized-crop (train) or resize + center-crop (eval) to size x size."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (size, size))
+    img = img.convert("RGB")
+    w, h = img.size
+    if augment:
+        scale = rng.uniform(scale_min, 1.0)
+        side = max(1, int(min(w, h) * scale**0.5))
+        x = rng.randint(0, w - side)
+        y = rng.randint(0, h - side)
+        box = (x, y, x + side, y + side)
+    else:
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    return img.resize((size, size), Image.BICUBIC, box=box)
+
+
+def to_chw(images: list) -> np.ndarray:
+    """PIL RGB images -> normalized float32 (B, 3, S, S)."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0  # (B, S, S, 3)
+    arr = (arr - MEAN) / STD
+    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(preset: str):
+    import open_clip
+
+    from vlm.models.clip.build import register_presets
+
+    register_presets()
+    return open_clip.get_tokenizer(preset)
+
+
+class ClipPreprocess:
+    """Ray Data `map_batches` transform: raw shard rows -> {"image", "text"} arrays.
+
+    Passed as an instance (so Ray Data runs it as tasks, not actors); the tokenizer is built
+    lazily and cached per worker process. Augmentation draws fresh randomness every epoch.
+    """
+
+    def __init__(self, preset: str, image_size: int, data: ClipDataConfig):
+        self.preset = preset
+        self.size = image_size
+        self.cfg = data
+
+    def __call__(self, batch: dict) -> dict:
+        rng = random.Random()
+        images, captions = [], []
+        for i in range(len(batch["__key__"])):
+            data = next((batch[e][i] for e in IMAGE_EXTS if e in batch and batch[e][i] is not None), None)
+            meta = json.loads(_to_text(batch["json"][i])) if "json" in batch and batch["json"][i] is not None else None
+            txt = _to_text(batch["txt"][i]) if "txt" in batch else None
+            images.append(load_rgb(data, self.size, self.cfg.augment, rng, self.cfg.crop_scale_min))
+            captions.append(pick_caption(txt, meta, self.cfg.caption_source, rng))
+        tokens = _tokenizer(self.preset)(captions)
+        return {"image": to_chw(images), "text": tokens.numpy().astype(np.int64)}

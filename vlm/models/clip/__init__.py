@@ -1,0 +1,1 @@
+"""CLIP (Radford et al. 2021) through open_clip: presets, building, export, loss, zero-shot eval."""

@@ -1,0 +1,293 @@
+"""The per-worker training loop behind every `vlm train ...`: DeepSpeed inside Ray Train.
+
+A `TrainTask` says what is trained (model, loss, export, eval); this module says how:
+`deepspeed.initialize` with the run's DeepSpeed dict, batches streamed from Ray Data
+(`get_dataset_shard(...).iter_torch_batches`), checkpoints through `ray.train.report` (every
+rank saves its DeepSpeed shard; Ray merges them into one checkpoint directory), and restore
+from `ray.train.get_checkpoint()` after a worker failure or on `--resume`. A checkpoint carries
+model, optimizer, scheduler, step, data position and the resolved config. Rank 0 logs to
+MLflow through a background queue, so a slow tracking server never stalls training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CKPT_TAG = "state"
+
+
+class TrainTask(Protocol):
+    """What a trainer trains. Built inside each worker from a picklable config."""
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict, dist: DistInfo) -> dict[str, torch.Tensor]:
+        """Returns at least {"loss": scalar}; other entries are logged as metrics."""
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """Rank 0 only: write the final model in its ecosystem's format (scalar parameters
+        already have their original shape back; see models/scalars.py)."""
+
+    def evaluate(self, export_dir: Path, run) -> dict[str, float]:
+        """Rank 0 only: evaluate the exported model, log plots to `run`; returns metrics."""
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass
+class LoopSpec:
+    """Everything a worker needs besides the task (plain data, pickled to every worker)."""
+
+    deepspeed: dict
+    max_steps: int
+    micro_batch: int
+    log_every: int
+    checkpoint_every: int
+    seed: int
+    torch_threads: int
+    output_dir: str
+    mlflow_uri: str | None
+    mlflow_run_id: str | None
+    config: dict = field(default_factory=dict)  # the resolved run config, saved in checkpoints
+    dataset: str = "train"
+
+
+def _set_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _scalar_safe(model: torch.nn.Module) -> None:
+    from vlm.models.scalars import reshape_scalar_params
+
+    reshape_scalar_params(model)
+
+
+def train_worker(task_factory, spec: LoopSpec) -> None:
+    """`train_loop_per_worker` body: build, restore, train to `max_steps`, export + eval on rank 0."""
+    import deepspeed
+    import ray.train
+
+    from vlm.tracking import AsyncMetricLogger
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    torch.set_num_threads(spec.torch_threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    out = Path(spec.output_dir)
+    _record_pid(out, rank)
+    _set_seed(spec.seed + rank)
+
+    task: TrainTask = task_factory()
+    model = task.build_model()
+    _scalar_safe(model)
+    from vlm.train.config import param_groups
+
+    groups = param_groups(model, spec.deepspeed["optimizer"]["params"]["weight_decay"])
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=spec.deepspeed)
+    device = engine.device
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    dist = DistInfo(rank, world, device, dtype)
+
+    state = {"step": 0, "micro_steps": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0, "restarts": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
+        state.update({k: client[k] for k in state if k in client})
+        state["restarts"] = int(client.get("restarts", 0)) + 1
+        if rank == 0:
+            print(f"[train] restored checkpoint at step {state['step']} (epoch {state['epoch']})", flush=True)
+
+    logger = AsyncMetricLogger(spec.mlflow_uri, spec.mlflow_run_id) if rank == 0 and spec.mlflow_run_id else None
+    if logger and ckpt is not None:
+        logger.log({"resumed_from_step": state["step"]}, step=state["step"])
+
+    shard = ray.train.get_dataset_shard(spec.dataset)
+    accum = engine.gradient_accumulation_steps()
+    window = _Window()
+    last_reported = -1
+    try:
+        while state["step"] < spec.max_steps:
+            batches = shard.iter_torch_batches(
+                batch_size=spec.micro_batch,
+                drop_last=True,
+                local_shuffle_buffer_size=spec.micro_batch * 4,
+                local_shuffle_seed=spec.seed + state["epoch"],
+            )
+            iterator = iter(batches)
+            skip = state["batches_in_epoch"]
+            for _ in range(skip):  # restore the data position within the epoch (by count)
+                if next(iterator, None) is None:
+                    break
+            consumed_any = False
+            t_fetch = time.perf_counter()
+            for batch in iterator:
+                consumed_any = True
+                t_start = time.perf_counter()
+                window.wait += t_start - t_fetch
+                out_d = task.loss(engine, batch, dist)
+                engine.backward(out_d["loss"])
+                engine.step()
+                state["batches_in_epoch"] += 1
+                state["micro_steps"] += 1
+                state["samples"] += spec.micro_batch * world
+                window.add(out_d)
+                # DeepSpeed steps the optimizer every `accum` micro batches; checkpoints only
+                # happen on those boundaries, so its counter and ours agree after a restore.
+                if state["micro_steps"] % accum == 0:
+                    state["step"] += 1
+                    step = state["step"]
+                    if rank == 0 and (step % spec.log_every == 0 or step == spec.max_steps):
+                        metrics = window.flush(time.perf_counter(), spec.micro_batch * world)
+                        metrics["lr"] = engine.get_lr()[0]
+                        metrics["epoch"] = state["epoch"]
+                        metrics.update(_logit_scale(engine))
+                        if logger:
+                            logger.log(metrics, step=step)
+                        print(_progress_line(step, spec.max_steps, metrics), flush=True)
+                    if step % spec.checkpoint_every == 0 or step == spec.max_steps:
+                        _save(engine, state, spec, {"loss": window.last_loss})
+                        last_reported = step
+                    if step >= spec.max_steps:
+                        break
+                t_fetch = time.perf_counter()
+            if state["step"] >= spec.max_steps:
+                break
+            if not consumed_any and skip == 0:
+                raise RuntimeError("the training dataset yielded no batch: fewer samples than one batch per worker")
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+        if last_reported != state["step"]:
+            _save(engine, state, spec, {"loss": window.last_loss})
+        _finish(engine, task, dist, out, logger, state)
+    finally:
+        if logger:
+            logger.close()
+
+
+class _Window:
+    """Accumulates losses and timings between two log lines."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.wait = 0.0
+        self.values: dict[str, list[float]] = {}
+        self.n = 0
+        self.last_loss = float("nan")
+
+    def add(self, out: dict) -> None:
+        self.n += 1
+        for k, v in out.items():
+            val = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
+            self.values.setdefault(k, []).append(val)
+        self.last_loss = self.values["loss"][-1]
+
+    def flush(self, now: float, samples_per_batch: int) -> dict:
+        elapsed = max(now - self.t0, 1e-9)
+        metrics = {k: sum(v) / len(v) for k, v in self.values.items()}
+        metrics["samples_per_s"] = self.n * samples_per_batch / elapsed
+        metrics["data_wait_fraction"] = min(1.0, self.wait / elapsed)
+        self.t0, self.wait, self.values, self.n = now, 0.0, {}, 0
+        return metrics
+
+
+def _progress_line(step: int, max_steps: int, metrics: dict) -> str:
+    shown = " ".join(
+        f"{k} {metrics[k]:.4g}" for k in ("loss", "acc", "lr", "samples_per_s", "data_wait_fraction") if k in metrics
+    )
+    return f"[train] step {step}/{max_steps} {shown}"
+
+
+def _logit_scale(engine) -> dict:
+    module = engine.module
+    p = getattr(module, "logit_scale", None)
+    if isinstance(p, torch.nn.Parameter) and p.numel() == 1 and getattr(p, "ds_status", None) is None:
+        return {"logit_scale": float(p.detach().float().exp().reshape(()))}
+    return {}
+
+
+def _record_pid(out: Path, rank: int) -> None:
+    """Each worker writes its pid (operators and the failure test find workers by it)."""
+    d = out / "_workers"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"rank{rank}.pid").write_text(str(os.getpid()))
+
+
+def _save(engine, state: dict, spec: LoopSpec, metrics: dict) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="vlm-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={**state, "config": spec.config})
+        if engine.global_rank == 0:
+            (Path(tmp) / "train_state.json").write_text(json.dumps(state))
+        ray.train.report(
+            {**metrics, "step": state["step"]},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"step_{state['step']:08d}",
+        )
+
+
+def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The full fp32 state dict on rank 0 (all ranks must call: ZeRO-3 gathers partitions)."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if engine.global_rank == 0:
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return None
+
+
+def _finish(engine, task: TrainTask, dist: DistInfo, out: Path, logger, state: dict) -> None:
+    state_dict = gathered_state_dict(engine)
+    if dist.rank != 0:
+        return
+    from vlm.models.scalars import SCALARS_ATTR, restore_scalar_state_dict
+
+    restore_scalar_state_dict(state_dict, getattr(engine.module, SCALARS_ATTR, ()))
+    export_dir = out / "export"
+    task.export(state_dict, export_dir)
+    run = logger.run if logger else None
+    metrics = task.evaluate(export_dir, run)
+    final = {**{f"eval/{k}": v for k, v in metrics.items()}, "final_step": state["step"], "restarts": state["restarts"]}
+    if logger:
+        logger.log(final, step=state["step"])
+    (out / "eval.json").write_text(json.dumps({"step": state["step"], **metrics}, indent=2))
+
+
+def consolidate_zero_checkpoint(checkpoint_dir: str | Path, out_file: str | Path) -> Path:
+    """Turn a (ZeRO-3 or any stage) DeepSpeed checkpoint into one fp32 safetensors file."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CKPT_TAG)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out_file))
+    return out_file
