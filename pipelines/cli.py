@@ -43,11 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     _add_config_args(p)
 
+    plan = sub.add_parser("plan", help="per-GPU memory plan for a model under each ZeRO stage")
+    plans = plan.add_subparsers(dest="model", required=True)
+    p = plans.add_parser("flamingo", help="Flamingo: params, grads, optimizer, activations per GPU")
+    p.add_argument("--preset", required=True, help="tiny, tiny-llama, flamingo-3b, flamingo-9b")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--no-grad-checkpointing", action="store_true")
+
     p = sub.add_parser("demo", help="the whole pipeline on embedded defaults, against a local web")
     p.add_argument("--output", default="demo_out", help="where the demo writes (default: demo_out)")
     p.add_argument("--n", type=int, default=3000, help="number of URLs the local web lists")
     p.add_argument("--port", type=int, default=8731, help="local web port (fixed, so reruns see the same URLs)")
-    _add_config_args(p)
+    p.add_argument("--noisy-fraction", type=float, default=0.3, help="share of deliberately wrong captions")
+    p.add_argument("--clip-steps", type=int, default=800, help="CLIP optimizer steps")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
     p = sub.add_parser("web", help="serve the local test web (digits + failures) on 127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -90,6 +103,22 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from vlm.models.flamingo.plan import format_plan, plan_flamingo
+
+    plans = plan_flamingo(
+        args.preset,
+        args.nodes,
+        args.gpus_per_node,
+        gpu_memory_gib=args.gpu_memory_gib,
+        micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+        grad_checkpointing=not args.no_grad_checkpointing,
+    )
+    print(format_plan(plans, title=f"flamingo preset {args.preset}"))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from pipelines.demo import run_demo
 
@@ -105,7 +134,7 @@ def _cmd_web(args) -> int:
     return web_main(argv) or 0
 
 
-COMMANDS = {"ingest": _cmd_ingest, "train": _cmd_train, "demo": _cmd_demo, "web": _cmd_web}
+COMMANDS = {"ingest": _cmd_ingest, "train": _cmd_train, "plan": _cmd_plan, "demo": _cmd_demo, "web": _cmd_web}
 
 
 def main(argv: list[str] | None = None) -> int:
