@@ -173,8 +173,9 @@ def train_clip(
         cfg.optim, cfg.deepspeed, cfg.train, cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
     )
 
-    local_cpus = (os.cpu_count() or 2) + int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.999)
+    local_cpus = 2 * (os.cpu_count() or 2) + int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.999)
     init_ray(address, num_cpus=local_cpus)
+    check_data_headroom(cfg.scaling)
     out.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out / "config.yaml")
     (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
@@ -246,6 +247,21 @@ def train_clip(
             "steps": evals.get("step"),
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
         }
+
+
+def check_data_headroom(scaling) -> None:
+    """Training workers must leave Ray Data at least one CPU, or the job waits forever."""
+    import ray
+
+    from vlm.errors import ClusterError
+
+    total = ray.cluster_resources().get("CPU", 0)
+    taken = scaling.num_workers * scaling.cpus_per_worker
+    if total - taken < 1:
+        raise ClusterError(
+            f"Ray has {total:g} CPUs and the {scaling.num_workers} training workers take {taken:g}, leaving none "
+            "for Ray Data; lower scaling.cpus_per_worker (fractions work) or add CPUs"
+        )
 
 
 def _flat_ds(ds: dict, prefix: str = "") -> dict:

@@ -44,7 +44,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
 
     Args:
         address: cluster address; falls back to RAY_ADDRESS; none starts a local Ray.
-        num_cpus: logical CPUs of a local Ray (default: the machine's cores).
+        num_cpus: logical CPUs of a local Ray (default: twice the machine's cores, at least 4).
     """
     import ray
 
@@ -64,6 +64,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
             raise ClusterError(f"cannot connect to Ray at {address}: {first}") from None
         where = f"ray cluster at {address}"
     else:
+        if num_cpus is None:
+            # Logical CPUs above the core count: Ray Data needs CPUs beside training workers
+            # that hold one each, or it waits forever (DESIGN.md); tasks share cores fine.
+            num_cpus = max(4, 2 * (os.cpu_count() or 1))
         # The dashboard serves the State API that Ray Train's controller polls (and, later,
         # job submission); bound to loopback only.
         ray.init(
