@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vlm import tracking
 from vlm.config import load_config
+from vlm.runtime import init_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 INGEST_CONFIG = ROOT / "configs" / "ingest" / "demo.yaml"
@@ -29,6 +30,7 @@ def run_demo(args) -> int:
     ingest_cfg = load_config(IngestConfig, INGEST_CONFIG)
     clip_cfg = load_config(TrainClipConfig, CLIP_CONFIG, [f"train.max_steps={args.clip_steps}"])
     t0 = time.time()
+    init_ray(args.address)  # one Ray for every stage (with the dashboard Ray Train needs)
 
     print("== 1/2 ingest: local web -> WebDataset shards")
     # A fixed port keeps URLs (and so the ingest plan) identical across demo reruns.

@@ -333,7 +333,7 @@ def ingest(
 
     paths = expand_inputs(input_spec)
     check_inputs(paths, cfg.input)
-    where = init_ray(address)  # before writing anything: a bad address leaves no trace
+    where = init_ray(address, dashboard=False)  # before writing anything: a bad address leaves no trace
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     the_plan = plan(out, paths, cfg)

@@ -39,12 +39,14 @@ def _reachable(address: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True) -> str:
     """Make sure this process is connected to Ray. Returns a short description of where.
 
     Args:
         address: cluster address; falls back to RAY_ADDRESS; none starts a local Ray.
         num_cpus: logical CPUs of a local Ray (default: twice the machine's cores, at least 4).
+        dashboard: start a local Ray's dashboard (Ray Train needs its State API; ingest does not,
+            and skips the seconds it costs to start).
     """
     import ray
 
@@ -72,7 +74,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
         # job submission); bound to loopback only.
         ray.init(
             num_cpus=num_cpus,
-            include_dashboard=True,
+            include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             logging_level=logging.WARNING,
             log_to_driver=True,
