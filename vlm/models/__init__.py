@@ -1,0 +1,1 @@
+"""Models: CLIP (open_clip), BLIP (transformers), Flamingo (ours)."""
