@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="run directory (default: outputs/train-clip)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     _add_config_args(p)
+    p = models.add_parser("flamingo", help="Flamingo: resampler + gated cross-attention into a frozen LM")
+    p.add_argument("--data", required=True, help="shard directory, glob, or comma-separated list")
+    p.add_argument("--output", default=None, help="run directory (default: outputs/train-flamingo)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    _add_config_args(p)
 
     plan = sub.add_parser("plan", help="per-GPU memory plan for a model under each ZeRO stage")
     plans = plan.add_subparsers(dest="model", required=True)
@@ -87,16 +92,25 @@ def _cmd_ingest(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from pipelines.train_clip import TrainClipConfig, train_clip
     from vlm import tracking
     from vlm.config import load_config
 
-    cfg = load_config(TrainClipConfig, args.config, args.overrides)
     output = args.output or f"outputs/train-{args.model}"
-    result = train_clip(args.data, output, cfg, resume=args.resume, address=args.address)
-    print(f"trained {cfg.model.preset} for {result['steps']} steps; model exported to {result['export']}")
+    if args.model == "clip":
+        from pipelines.train_clip import TrainClipConfig, train_clip
+
+        cfg = load_config(TrainClipConfig, args.config, args.overrides)
+        name = cfg.model.preset
+        result = train_clip(args.data, output, cfg, resume=args.resume, address=args.address)
+    else:
+        from pipelines.train_flamingo import TrainFlamingoConfig, train_flamingo
+
+        cfg = load_config(TrainFlamingoConfig, args.config, args.overrides)
+        name = f"flamingo-{cfg.model_preset}"
+        result = train_flamingo(args.data, output, cfg, resume=args.resume, address=args.address)
+    print(f"trained {name} for {result['steps']} steps; model exported to {result['export']}")
     for key, value in sorted(result["eval"].items()):
-        if key != "step":
+        if key != "step" and isinstance(value, (int, float)):
             print(f"  {key:<24} {value:.4f}")
     if result.get("mlflow_run_id"):
         print(f"mlflow run: {result['mlflow_run_id']}  (view: {tracking.ui_hint()})")

@@ -156,3 +156,71 @@ def count_parameters(cfg: FlamingoConfig, tokenizer=None) -> dict[str, int]:
         "total": n(all_params),
         "trainable": n({k: p for k, p in all_params.items() if p.requires_grad}),
     }
+
+
+EXPORT_WEIGHTS = "flamingo_model.safetensors"  # every parameter: loads without the vision/LM checkpoints
+EXPORT_TRAINABLE = "flamingo_trainable.safetensors"  # only what training changed (resampler, xattn, new rows)
+EXPORT_CONFIG = "flamingo_config.json"
+
+
+def export_flamingo(
+    state_dict: dict[str, torch.Tensor],
+    cfg: FlamingoConfig,
+    tokenizer,
+    out_dir,
+    trainable: list[str] | None = None,
+) -> None:
+    """Write a self-contained export: weights (fp32 safetensors), config JSON and the tokenizer.
+
+    The config is written with `vision_checkpoint` cleared: the vision weights are in the export.
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(out / EXPORT_WEIGHTS), metadata={"format": "vlm-flamingo"})
+    if trainable is not None:
+        save_file({k: tensors[k] for k in trainable if k in tensors}, str(out / EXPORT_TRAINABLE))
+    model_cfg = dataclasses.asdict(dataclasses.replace(cfg, vision_checkpoint=None))
+    meta = {"format": "vlm-flamingo", "model": model_cfg, "trainable": sorted(trainable or [])}
+    (out / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
+    tokenizer.save_pretrained(str(out))
+
+
+def load_flamingo_export(path) -> tuple[Flamingo, object]:
+    """(model in eval mode, tokenizer) from an `export_flamingo` directory; no other files are read."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    meta = json.loads((path / EXPORT_CONFIG).read_text())
+    cfg = FlamingoConfig(**meta["model"])
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokens = add_flamingo_tokens(tokenizer)
+    # Built from the config, not from lm_name_or_path: every weight comes from the export.
+    model = assemble(
+        cfg, build_vision_tower(cfg.vision_model), AutoModelForCausalLM.from_config(lm_config(cfg)), tokens
+    )
+    model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS)), strict=True)
+    return model.eval(), tokenizer
+
+
+def gate_values(state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """tanh of each cross-attention block's gates, by the index of the LM layer it precedes:
+    {"attn_l1": ..., "ff_l1": ..., ...} (a state dict of a Flamingo, or of its trainable part)."""
+    out: dict[str, float] = {}
+    for key in state_dict:
+        if key.endswith(".gated_xattn.attn_gate"):
+            layer = [part for part in key.split(".") if part.isdigit()][-1]
+            for gate in ("attn", "ff"):
+                value = state_dict[key.replace("attn_gate", f"{gate}_gate")]
+                out[f"{gate}_l{layer}"] = float(value.float().tanh().reshape(-1)[0])
+    return dict(sorted(out.items(), key=lambda item: (int(item[0].split("_l")[1]), item[0])))

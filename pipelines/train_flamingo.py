@@ -1,0 +1,351 @@
+"""`vlm train flamingo`: Flamingo on image-text shards, on Ray Train + DeepSpeed ZeRO (3 by default).
+
+parse -> build (config, Ray Data pipeline, TorchTrainer) -> train -> close, as `train_clip`. The
+per-worker loop is `vlm.train.loop.train_worker`; this module supplies the Flamingo task: a frozen CLIP
+vision encoder (from `vlm train clip`'s export), Perceiver Resampler and gated cross-attention trained
+into a frozen causal LM (Alayrac et al. 2022), on image-text pairs packed into interleaved sequences
+(`vlm.data.flamingo_data`), evaluated by few-shot captioning of held-out digits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.train_clip import _flat_ds, _state_path, check_data_headroom, find_shards
+from vlm.config import to_dict, write_config
+from vlm.data.flamingo_data import FlamingoDataConfig
+from vlm.errors import ConfigError, InputError
+from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig, deepspeed_config
+
+
+@dataclass
+class FlamingoEvalConfig:
+    digits: bool = True  # few-shot captioning of the held-out handwritten digits
+    shots: list[int] = field(default_factory=lambda: [0, 4, 8])  # in-context examples per prompt
+    limit: int = 50  # query images (each prompted once per shot count)
+    image_size: int = 64  # size the held-out digits are stored at (as ingest stores training data)
+    max_new_tokens: int = 16  # greedy decoding budget; the longest digit caption names it by token ~15
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "train-flamingo"
+    run_name: str | None = None
+
+
+@dataclass
+class TrainFlamingoConfig:
+    model_preset: str = "tiny"  # a vlm.models.flamingo.config.FLAMINGO_PRESETS name
+    # The frozen vision encoder: a `vlm train clip` export dir (its architecture is used) or an open_clip
+    # checkpoint file of the preset's vision architecture. None: random (tests only).
+    vision_checkpoint: str | None = None
+    # FlamingoConfig field overrides. max_num_media, unless given, is raised to what data and eval need.
+    model: dict = field(default_factory=dict)
+    data: FlamingoDataConfig = field(default_factory=FlamingoDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.1, warmup_steps=50))
+    deepspeed: DeepSpeedConfig = field(default_factory=lambda: DeepSpeedConfig(zero_stage=3))
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(global_batch_size=8))  # sequences per step
+    eval: FlamingoEvalConfig = field(default_factory=FlamingoEvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def model_config(cfg: TrainFlamingoConfig):
+    """The resolved FlamingoConfig: preset + overrides + vision checkpoint. One-line errors for bad input."""
+    from vlm.models.clip.build import EXPORT_CONFIG, EXPORT_WEIGHTS
+    from vlm.models.flamingo.config import FLAMINGO_PRESETS, flamingo_preset
+
+    overrides = dict(cfg.model)
+    if "vision_checkpoint" in overrides:
+        raise ConfigError("set 'vision_checkpoint' at the top level, not as model.vision_checkpoint")
+    if cfg.vision_checkpoint:
+        path = Path(cfg.vision_checkpoint)
+        if not path.exists():
+            raise InputError(f"vision checkpoint not found: {cfg.vision_checkpoint}")
+        if path.is_dir():
+            if not (path / EXPORT_WEIGHTS).is_file():
+                raise InputError(f"vision checkpoint {path} is a directory without {EXPORT_WEIGHTS} (a CLIP export)")
+            if (path / EXPORT_CONFIG).is_file() and "vision_model" not in overrides:
+                overrides["vision_model"] = json.loads((path / EXPORT_CONFIG).read_text())["model_cfg"]
+            path = path / EXPORT_WEIGHTS
+        overrides["vision_checkpoint"] = str(path.resolve())
+    if cfg.model_preset in FLAMINGO_PRESETS and "max_num_media" not in overrides:
+        needed = max([cfg.data.images_per_sequence, *(k + 1 for k in cfg.eval.shots)])
+        overrides["max_num_media"] = max(FLAMINGO_PRESETS[cfg.model_preset].get("max_num_media", 32), needed)
+    mcfg = flamingo_preset(cfg.model_preset, **overrides)
+    if cfg.data.images_per_sequence > mcfg.max_num_media:
+        raise ConfigError(
+            f"data.images_per_sequence={cfg.data.images_per_sequence} exceeds model.max_num_media={mcfg.max_num_media}"
+        )
+    if cfg.eval.digits and max(cfg.eval.shots) + 1 > mcfg.max_num_media:
+        raise ConfigError(
+            f"eval.shots up to {max(cfg.eval.shots)} need {max(cfg.eval.shots) + 1} images per prompt but "
+            f"model.max_num_media={mcfg.max_num_media}"
+        )
+    return mcfg
+
+
+def vision_image_size(mcfg) -> int:
+    """Input size of the vision tower, from its open_clip config (dict or model name)."""
+    import open_clip
+
+    vm = mcfg.vision_model
+    conf = vm if isinstance(vm, dict) else open_clip.get_model_config(vm)
+    if conf is None:
+        raise ConfigError(f"cannot tell the image size of vision model {vm!r}; give model.vision_model as a dict")
+    size = conf["vision_cfg"].get("image_size", 224)
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
+def check_vision_checkpoint(mcfg) -> None:
+    """InputError (one line) if the checkpoint's vision weights do not fit the vision architecture.
+
+    Reads the file once in the driver, so a wrong checkpoint fails before Ray starts, not in every worker.
+    """
+    import torch
+    from open_clip.factory import load_state_dict
+
+    from vlm.models.flamingo.vision import build_vision_tower
+
+    if mcfg.vision_checkpoint is None:
+        return
+    with torch.device("meta"):
+        tower = build_vision_tower(mcfg.vision_model)
+    want = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
+    try:
+        state = load_state_dict(mcfg.vision_checkpoint)
+    except Exception as exc:  # any unreadable file: one line, not a traceback
+        raise InputError(f"cannot read vision checkpoint {mcfg.vision_checkpoint}: {exc}") from None
+    if any(k.startswith("visual.") for k in state):
+        state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    bad = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+    if bad:
+        raise InputError(
+            f"vision checkpoint {mcfg.vision_checkpoint} does not fit the vision model (first mismatch: '{bad[0]}'); "
+            "pass a `vlm train clip` export directory, or set model.vision_model"
+        )
+
+
+class FlamingoTask:
+    """The Flamingo `TrainTask`: frozen vision + LM, trained resampler / cross-attention / new token rows."""
+
+    def __init__(self, cfg: TrainFlamingoConfig, model_cfg):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+
+    def build_model(self):
+        from vlm.data.flamingo_data import flamingo_tokenizer
+        from vlm.models.flamingo.build import build_flamingo
+
+        # The data pipeline's cached tokenizer, so token ids agree by construction. build_flamingo freezes
+        # vision and LM once (Flamingo.freeze_for_training); the optimizer only sees what requires grad.
+        self.tokenizer = flamingo_tokenizer(self.model_cfg.lm_name_or_path)
+        model, _ = build_flamingo(self.model_cfg, tokenizer=self.tokenizer)
+        self.trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.gates = [(i, layer.gated_xattn) for i, layer in _flamingo_layers(model)]
+        return model
+
+    def loss(self, model, batch, dist):
+        import torch
+
+        images = batch["images"].to(dist.device, dist.dtype)  # (B, T_img, 1, 3, S, S)
+        input_ids = batch["input_ids"].to(dist.device)  # (B, L)
+        labels = batch["labels"].to(dist.device)  # (B, L)
+        out = model(images, input_ids, batch["attention_mask"].to(dist.device), labels)
+        with torch.no_grad():
+            target = labels[:, 1:]
+            valid = target != -100
+            hits = (out["logits"][:, :-1].argmax(-1) == target) & valid
+            metrics = {"loss": out["loss"], "acc": hits.sum() / valid.sum().clamp(min=1)}
+            metrics.update(self._gates())
+        return metrics
+
+    def _gates(self) -> dict:
+        """tanh(gate) of each cross-attention block, logged with the loss (gates are tiny ZeRO-3-persistent
+        parameters, whole on every rank; skipped if a config ever partitions them)."""
+        out = {}
+        for i, block in self.gates:
+            for name in ("attn", "ff"):
+                p = getattr(block, f"{name}_gate")
+                if p.data.numel() == 1:
+                    out[f"gate_{name}_l{i}"] = float(p.data.float().tanh().reshape(()))
+        return out
+
+    def export(self, state_dict, out_dir):
+        from vlm.models.flamingo.build import export_flamingo
+
+        export_flamingo(state_dict, self.model_cfg, self.tokenizer, out_dir, trainable=self.trainable)
+
+    def evaluate(self, export_dir, run) -> dict:
+        return evaluate_export(export_dir, self.cfg, run)
+
+
+def _flamingo_layers(model) -> list[tuple[int, object]]:
+    """(LM layer index, FlamingoLayer) pairs; the index names the gate metrics, as in build.gate_values."""
+    from vlm.models.flamingo.lm import find_decoder_layers
+    from vlm.models.flamingo.model import FlamingoLayer
+
+    _, layers = find_decoder_layers(model.lm)
+    return [(i, layer) for i, layer in enumerate(layers) if isinstance(layer, FlamingoLayer)]
+
+
+def evaluate_export(export_dir, cfg: TrainFlamingoConfig, run=None) -> dict:
+    """Final gate values and few-shot digit captioning of an export; sample generations logged to `run`."""
+    from safetensors.torch import load_file
+
+    from vlm.models.flamingo.build import EXPORT_WEIGHTS, gate_values, load_flamingo_export
+    from vlm.models.flamingo.eval import fewshot_digit_accuracy
+
+    export_dir = Path(export_dir)
+    metrics = {f"gate_{k}": v for k, v in gate_values(load_file(str(export_dir / EXPORT_WEIGHTS))).items()}
+    if not cfg.eval.digits:
+        return metrics
+    model, tokenizer = load_flamingo_export(export_dir)
+    samples: list = []
+    metrics.update(
+        fewshot_digit_accuracy(
+            model,
+            tokenizer,
+            shots=cfg.eval.shots,
+            limit=cfg.eval.limit,
+            stored_size=cfg.eval.image_size,
+            prompt=cfg.data.prompt,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            samples=samples,
+        )
+    )
+    if run is not None:
+        lines = [f"{k}-shot\tdigit {label}\t{text!r}" for k, label, text in samples]
+        run.log_text("\n".join(lines) + "\n", "fewshot_samples.txt")
+    return metrics
+
+
+def _flamingo_worker(config: dict) -> None:
+    from vlm.train.loop import train_worker
+
+    cfg, mcfg = config["cfg"], config["model_cfg"]
+    train_worker(lambda: FlamingoTask(cfg, mcfg), config["spec"])
+
+
+def train_flamingo(
+    data: str,
+    output: str | Path,
+    cfg: TrainFlamingoConfig,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    """Run Flamingo training; returns {"eval": metrics, "mlflow_run_id", "export", "steps", "checkpoint"}."""
+    import time
+
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from vlm import tracking
+    from vlm.data.flamingo_data import FlamingoPreprocess
+    from vlm.runtime import init_ray
+    from vlm.train.config import micro_batch_size
+    from vlm.train.loop import LoopSpec
+
+    shards = find_shards(data)
+    mcfg = model_config(cfg)
+    check_vision_checkpoint(mcfg)
+    size = vision_image_size(mcfg)
+    micro = micro_batch_size(cfg.train, cfg.scaling.num_workers)
+    out = Path(output).resolve()
+    state_file = _state_path(out)
+    previous = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if resume and previous is None:
+        raise InputError(f"nothing to resume: {out} holds no training run (no train_state.json)")
+    if not resume and previous is not None:
+        raise InputError(f"{out} already holds a training run; pass --resume to continue it, or use a new --output")
+    ds_config = deepspeed_config(
+        cfg.optim, cfg.deepspeed, cfg.train, cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
+    )
+
+    local_cpus = 2 * (os.cpu_count() or 2) + int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.999)
+    init_ray(address, num_cpus=local_cpus)
+    check_data_headroom(cfg.scaling)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out / "config.yaml")
+    (out / "model_config.json").write_text(json.dumps(to_dict(mcfg), indent=2))
+    (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+    run_name = previous["ray_run_name"] if previous else f"flamingo-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    with tracking.start_run(
+        cfg.tracking.experiment,
+        cfg.tracking.run_name or f"flamingo-{cfg.model_preset}-{out.name}",
+        tags={"stage": "train-flamingo", "output": str(out), "data": data},
+        run_id=previous.get("mlflow_run_id") if previous else None,
+        parent_run_id=parent_run_id,
+    ) as run:
+        run_id = run.run_id if run else None
+        state = {"ray_run_name": run_name, "mlflow_run_id": run_id, "data": shards}
+        state_file.write_text(json.dumps(state, indent=2))
+        if run and not previous:
+            run.log_config(cfg)
+            run.log_params({f"ds.{k}": v for k, v in _flat_ds(ds_config).items()})
+            run.log_params({"data.num_shards": len(shards), "micro_batch_size": micro, "image_size": size})
+            run.log_dict(ds_config, "deepspeed.json")
+            run.log_dict(to_dict(mcfg), "model_config.json")
+
+        ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if cfg.data.shuffle_files else None)
+        # Packing happens within a batch: whole sequences' worth of pairs per batch.
+        ds = ds.map_batches(
+            FlamingoPreprocess(mcfg.lm_name_or_path, size, cfg.data),
+            batch_size=cfg.data.images_per_sequence * 8,
+            batch_format="numpy",
+        )
+
+        spec = LoopSpec(
+            deepspeed=ds_config,
+            max_steps=cfg.train.max_steps,
+            micro_batch=micro,
+            log_every=cfg.train.log_every,
+            checkpoint_every=cfg.train.checkpoint_every,
+            seed=cfg.train.seed,
+            torch_threads=cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)),
+            output_dir=str(out),
+            mlflow_uri=tracking.tracking_uri(),
+            mlflow_run_id=run_id,
+            config=to_dict(cfg),
+        )
+        resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+        if cfg.scaling.use_gpu:
+            resources["GPU"] = cfg.scaling.gpus_per_worker
+        trainer = TorchTrainer(
+            _flamingo_worker,
+            train_loop_config={"cfg": cfg, "model_cfg": mcfg, "spec": spec},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                name=run_name,
+                storage_path=str(out / "ray"),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            ),
+            datasets={"train": ds},
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        eval_path = out / "eval.json"
+        evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+        if run:
+            run.log_artifact(out / "export", "model")
+            run.log_artifact(out / "config.yaml")
+        return {
+            "eval": evals,
+            "mlflow_run_id": run_id,
+            "export": str(out / "export"),
+            "steps": evals.get("step"),
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        }

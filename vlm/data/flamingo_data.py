@@ -1,0 +1,258 @@
+"""Flamingo training sequences: image-text pairs packed into interleaved sequences, and MMC4 documents.
+
+Both sources end in the same fixed-shape arrays, so the training worker only runs the model:
+- `images` float32 (B, T_img, 1, 3, S, S): the sequence's images in text order, zero-padded to T_img;
+- `input_ids` int64 (B, L), `attention_mask` int64 (B, L): right-padded with the pad id;
+- `labels` int64 (B, L): input_ids, with -100 on padding, on `<image>` tokens and on prompt text.
+Every `<image>` token in a row has a real image behind it (the model rejects more tokens than images;
+zero-padded image slots are never referred to).
+
+Pairs (`FlamingoPreprocess`, a Ray Data batch transform over WebDataset rows). Each pair becomes
+`<image>{prompt} {caption}<|endofchunk|>` — the format `generate.few_shot_prompt` builds at eval time —
+and consecutive pairs are packed into one sequence of up to `images_per_sequence` images and
+`max_length` tokens, so every sequence holds 0-shot, 1-shot, ... examples of captioning (as Flamingo's
+M3W/interleaved data does; Alayrac et al. 2022, Sec. 2.4). Only caption tokens and `<|endofchunk|>`
+are trained on: the prompt is given at eval time, and predicting `<|endofchunk|>` teaches the model
+to stop.
+
+MMC4 documents (`mmc4_sequence`, `collate_mmc4`; Zhu et al. 2023, "Multimodal C4"), accepted as:
+    {"text_list": ["sentence 0", "sentence 1", ...],
+     "image_info": [{"matched_text_index": 1,             # sentence the image goes before
+                     "image_bytes": b"..." | "image_base64": "..." | "image_index": 0,
+                     "matched_sim": 0.31}, ...],          # optional; images under `min_sim` are dropped
+     "images": [b"...", ...]}                             # optional; what "image_index" refers to
+Images are placed as OpenFlamingo does (`<image>` before its matched sentence, `<|endofchunk|>` closing
+the text of each image and the document): "s0<image>s1 s2<|endofchunk|><image>s3<|endofchunk|>". At most
+`images_per_sequence` images are kept (in text order); sentences of dropped images stay as plain text.
+All text is trained on. Rows longer than `max_length` are cut, and images whose `<image>` was cut go too.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from vlm.data.clip_data import IMAGE_EXTS, load_rgb, pick_caption, to_chw
+from vlm.models.flamingo.build import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+
+IGNORE = -100  # label of positions without loss (torch's cross_entropy ignore_index)
+
+
+@dataclass
+class FlamingoDataConfig:
+    caption_source: Literal["original", "synthetic", "random_kept"] = "original"  # see clip_data.pick_caption
+    augment: bool = True  # random resized crop (scale crop_scale_min-1) for training
+    crop_scale_min: float = 0.8
+    shuffle_files: bool = True
+    images_per_sequence: int = 8  # T_img: pairs packed into one sequence (and MMC4 images kept)
+    max_length: int = 128  # L: tokens per sequence
+    prompt: str = "Output:"  # text between <image> and the caption; not trained on ("" for none)
+    mmc4_min_sim: float | None = None  # MMC4: drop images whose matched_sim is below this
+
+    def validate(self) -> None:
+        if self.images_per_sequence < 1 or self.max_length < 8:
+            raise ValueError("data.images_per_sequence must be >= 1 and data.max_length >= 8")
+
+
+@dataclass
+class Sequence:
+    """One training row before padding: token ids, labels, and its images (3, S, S) in text order."""
+
+    ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=4)
+def flamingo_tokenizer(lm_name_or_path: str | None):
+    """The tokenizer of a Flamingo whose LM is `lm_name_or_path` (None: the offline one), with Flamingo's
+    tokens added; built once per process."""
+    from vlm.models.flamingo.build import add_flamingo_tokens
+    from vlm.models.flamingo.tokenizer import offline_tokenizer
+
+    if lm_name_or_path is None:  # as build.build_tokenizer decides
+        tokenizer = offline_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(lm_name_or_path)
+    add_flamingo_tokens(tokenizer)
+    return tokenizer
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+
+def _start(tokenizer) -> list[int]:
+    """What the tokenizer puts before any text (a BOS for Llama-style tokenizers; nothing for GPT-2's)."""
+    return list(tokenizer("", add_special_tokens=True).input_ids)
+
+
+def pair_tokens(tokenizer, caption: str, prompt: str) -> tuple[list[int], list[int]]:
+    """(ids, labels) of `<image>{prompt} {caption}<|endofchunk|>`; only caption and end-of-chunk are labelled."""
+    media, eoc = tokenizer.convert_tokens_to_ids([MEDIA_TOKEN, END_OF_CHUNK_TOKEN])
+    head = [media] + _ids(tokenizer, prompt)
+    body = _ids(tokenizer, f" {caption}" if prompt else caption) + [eoc]
+    return head + body, [IGNORE] * len(head) + body
+
+
+def pack_pairs(
+    tokenizer, images: list[np.ndarray], captions: list[str], images_per_sequence: int, max_length: int, prompt: str
+) -> list[Sequence]:
+    """Greedily pack consecutive (image (3, S, S), caption) pairs into sequences of at most
+    `images_per_sequence` images and `max_length` tokens. A pair longer than a whole row is cut."""
+    start = _start(tokenizer)
+    seqs: list[Sequence] = []
+    cur = Sequence(list(start), [IGNORE] * len(start))
+    for image, caption in zip(images, captions):
+        ids, labels = pair_tokens(tokenizer, caption, prompt)
+        full = len(cur.images) >= images_per_sequence or len(cur.ids) + len(ids) > max_length
+        if cur.images and full:
+            seqs.append(cur)
+            cur = Sequence(list(start), [IGNORE] * len(start))
+        room = max_length - len(cur.ids)
+        cur.ids += ids[:room]  # only a lone over-long pair is cut; its <image> comes first, so it stays
+        cur.labels += labels[:room]
+        cur.images.append(image)
+    if cur.images:
+        seqs.append(cur)
+    return seqs
+
+
+def _image_bytes(info: dict, doc: dict) -> bytes:
+    if info.get("image_bytes") is not None:
+        return info["image_bytes"]
+    if info.get("image_base64") is not None:
+        return base64.b64decode(info["image_base64"])
+    if info.get("image_index") is not None:
+        return doc["images"][int(info["image_index"])]
+    raise ValueError("an MMC4 image_info entry needs image_bytes, image_base64 or image_index")
+
+
+def mmc4_sequence(
+    doc: dict, tokenizer, data: FlamingoDataConfig, image_size: int, rng: random.Random | None = None
+) -> Sequence:
+    """One MMC4 document (format in the module docstring) -> a Sequence of at most `max_length` tokens."""
+    rng = rng or random.Random(0)
+    media, eoc = tokenizer.convert_tokens_to_ids([MEDIA_TOKEN, END_OF_CHUNK_TOKEN])
+    infos = [
+        info
+        for info in doc.get("image_info", [])
+        if data.mmc4_min_sim is None or info.get("matched_sim", 1.0) >= data.mmc4_min_sim
+    ]
+    infos = sorted(infos, key=lambda info: int(info["matched_text_index"]))[: data.images_per_sequence]
+    by_sentence: dict[int, list[dict]] = {}
+    for info in infos:
+        by_sentence.setdefault(int(info["matched_text_index"]), []).append(info)
+
+    seq = Sequence(_start(tokenizer), [])
+    seq.labels = [IGNORE] * len(seq.ids)
+    pending: list[dict] = []  # image infos in token order
+    after_break = True  # no space before text that follows the start, an <image> or an <|endofchunk|>
+    in_chunk = False
+    for i, sentence in enumerate(doc["text_list"]):
+        for info in by_sentence.get(i, []):
+            if in_chunk:
+                seq.ids.append(eoc)
+                seq.labels.append(eoc)
+            seq.ids.append(media)
+            seq.labels.append(IGNORE)
+            pending.append(info)
+            after_break, in_chunk = True, True
+        text = _ids(tokenizer, sentence if after_break else f" {sentence}")
+        seq.ids += text
+        seq.labels += text
+        after_break = False
+    if in_chunk:
+        seq.ids.append(eoc)
+        seq.labels.append(eoc)
+    seq.ids, seq.labels = seq.ids[: data.max_length], seq.labels[: data.max_length]
+    kept = seq.ids.count(media)  # images whose <image> survived the cut
+    decoded = [
+        load_rgb(_image_bytes(info, doc), image_size, data.augment, rng, data.crop_scale_min) for info in pending
+    ]
+    seq.images = list(to_chw(decoded[:kept])) if kept else []
+    return seq
+
+
+def collate_mmc4(docs: list[dict], tokenizer, data: FlamingoDataConfig, image_size: int) -> dict[str, np.ndarray]:
+    """MMC4 documents -> the training arrays (one row per document)."""
+    rng = random.Random()
+    seqs = [mmc4_sequence(doc, tokenizer, data, image_size, rng) for doc in docs]
+    return to_arrays(seqs, tokenizer.pad_token_id, data.images_per_sequence, data.max_length, image_size)
+
+
+def to_arrays(
+    seqs: list[Sequence], pad_id: int, images_per_sequence: int, max_length: int, image_size: int
+) -> dict[str, np.ndarray]:
+    """Pad Sequences to the fixed-shape arrays described in the module docstring."""
+    b = len(seqs)
+    input_ids = np.full((b, max_length), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((b, max_length), dtype=np.int64)
+    labels = np.full((b, max_length), IGNORE, dtype=np.int64)
+    images = np.zeros((b, images_per_sequence, 1, 3, image_size, image_size), dtype=np.float32)  # (B, T, F, C, H, W)
+    for row, seq in enumerate(seqs):
+        n = len(seq.ids)
+        input_ids[row, :n] = seq.ids
+        attention_mask[row, :n] = 1
+        labels[row, :n] = seq.labels
+        if seq.images:
+            images[row, : len(seq.images), 0] = np.stack(seq.images)
+    return {"images": images, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pil_pixels(images: list, image_size: int) -> np.ndarray:
+    """PIL images -> float32 (N, 3, S, S) as training sees them without augmentation (center crop, resize)."""
+    from PIL import Image
+
+    out = []
+    for img in images:
+        w, h = img.size
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        out.append(img.convert("RGB").resize((image_size, image_size), Image.BICUBIC, box=box))
+    return to_chw(out)
+
+
+def _to_text(value) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class FlamingoPreprocess:
+    """Ray Data `map_batches` transform: WebDataset pair rows -> packed sequence arrays (fewer rows out).
+
+    Passed as an instance (Ray Data runs it as tasks); the tokenizer is cached per worker process.
+    Packing happens within a batch, so use a batch size that is a multiple of `images_per_sequence`.
+    """
+
+    def __init__(self, lm_name_or_path: str | None, image_size: int, data: FlamingoDataConfig):
+        self.lm_name_or_path = lm_name_or_path
+        self.size = image_size
+        self.cfg = data
+
+    def __call__(self, batch: dict) -> dict:
+        rng = random.Random()
+        tokenizer = flamingo_tokenizer(self.lm_name_or_path)
+        images, captions = [], []
+        for i in range(len(batch["__key__"])):
+            data = next((batch[e][i] for e in IMAGE_EXTS if e in batch and batch[e][i] is not None), None)
+            if data is None:
+                continue
+            meta = json.loads(_to_text(batch["json"][i])) if "json" in batch and batch["json"][i] is not None else None
+            txt = _to_text(batch["txt"][i]) if "txt" in batch else None
+            images.append(load_rgb(data, self.size, self.cfg.augment, rng, self.cfg.crop_scale_min))
+            captions.append(pick_caption(txt, meta, self.cfg.caption_source, rng))
+        pixels = list(to_chw(images)) if images else []
+        seqs = pack_pairs(
+            tokenizer, pixels, captions, self.cfg.images_per_sequence, self.cfg.max_length, self.cfg.prompt
+        )
+        return to_arrays(seqs, tokenizer.pad_token_id, self.cfg.images_per_sequence, self.cfg.max_length, self.size)
