@@ -9,12 +9,14 @@ same URL list then goes through
 
 with the same process count, shard size, resize settings and a generous number of concurrent
 downloads for both. Each tool runs as its own command; the wall time of the whole command is
-what a user waits for and is the headline figure. In-job figures are reported beside it:
-vlm's own "throughput" line (after Ray start-up), and for img2dataset the span from its first
-shard's start to its last shard's end (from its `*_stats.json`).
+what a user waits for and is the headline figure. Beside it: the shard span (first shard start
+to last shard end, from each tool's `*_stats.json`), vlm's own printed throughput (after Ray
+start-up), the CPU-seconds of each tool's whole process tree, and how much CPU other processes
+on the machine took meanwhile (so a run disturbed by someone else's job says so).
 
     python bench/ingest.py                      # 3000 URLs, both tools, once
     python bench/ingest.py --n 300 --repeats 3  # a quick look, best and median of 3
+    python bench/ingest.py --wait-quiet 600     # on a shared machine: wait for idle CPUs first
 
 Prints a table and writes `bench/results/ingest.json`.
 """
@@ -129,19 +131,37 @@ def _self_cpu_s() -> float:
     return t.user + t.system
 
 
-def wait_quiet(max_wait_s: float, busy_below: float = 0.15, need_s: float = 10.0) -> float:
-    """Wait until the machine's CPUs have been < `busy_below` busy for `need_s` seconds (or until
-    `max_wait_s` is spent: a shared machine may never be quiet). Returns the seconds waited."""
+def _normal_priority_cpu_s(exclude: set[int]) -> float | None:
+    """CPU-seconds so far of all processes at nice <= 0 but `exclude` (None without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    total = 0.0
+    for proc in psutil.process_iter(["pid", "nice", "cpu_times"]):
+        info = proc.info
+        if info["pid"] in exclude or info["cpu_times"] is None or (info["nice"] or 0) > 0:
+            continue
+        total += info["cpu_times"].user + info["cpu_times"].system
+    return total
+
+
+def wait_quiet(max_wait_s: float, exclude: tuple[int, ...] = (), busy_below: float = 0.15, need_s: float = 10.0):
+    """Wait until other normal-priority processes (niced jobs don't count: they barely compete)
+    have used < `busy_below` of the CPUs for `need_s` seconds, or until `max_wait_s` is spent:
+    a shared machine may never be quiet. Returns the seconds waited."""
     t0 = time.time()
+    skip = {os.getpid(), *exclude}
     quiet_since = None
-    last = _machine_busy_s()
+    last = _normal_priority_cpu_s(skip)
     cores = os.cpu_count() or 1
     while max_wait_s > 0 and last is not None and time.time() - t0 < max_wait_s:
         time.sleep(1.0)
-        now = _machine_busy_s()
+        now = _normal_priority_cpu_s(skip)
         if now is None:
             break
-        frac = (now - last) / cores
+        # Processes that exit take their CPU with them: clamp the difference at 0.
+        frac = max(0.0, now - last) / cores
         last = now
         if frac < busy_below:
             quiet_since = quiet_since or time.time()
@@ -239,30 +259,42 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
-def _machine_busy_s() -> float | None:
-    """CPU-seconds the whole machine has spent busy (all processes), from /proc/stat."""
+def _machine_cpu() -> tuple[float, float] | None:
+    """(busy, of which niced) CPU-seconds the whole machine has spent so far, from /proc/stat.
+
+    Niced time is kept apart: a job at nice 10+ only fills cycles our runs leave idle (its
+    weight is a few percent of a nice-0 process), so it says little about interference.
+    """
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     except (OSError, ValueError, IndexError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
-    return busy / os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal
+    busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, fields[1] / tick
 
 
 class TreeCpu:
-    """CPU-seconds of a process and all its descendants, sampled from /proc while it runs.
+    """CPU-seconds of a process and all its descendants, sampled from /proc while it runs; and,
+    less often, of every other process on the machine, by nice level.
 
     Ray's workers are never reaped by the command's own process tree, so getrusage() misses
-    them; sampling sees every process (less its last `interval` before it exits).
+    them; sampling sees every process (less its last `interval` before it exits). The other
+    processes tell whether someone else's normal-priority work competed with the run (niced
+    jobs barely do; /proc/stat can't tell, as it books niced jobs' system time as normal).
     """
 
-    def __init__(self, pid: int, interval: float = 0.1):
+    def __init__(self, pid: int, interval: float = 0.1, exclude: tuple[int, ...] = (), others_every: int = 5):
         self.pid = pid
         self.interval = interval
         self.seen: dict[tuple[int, float], float] = {}
         self.labels: dict[tuple[int, float], str] = {}
         self.peak_procs = 0
+        self.exclude = set(exclude)  # pids that are neither the tool nor "others" (web, bench)
+        self.others: dict[tuple[int, float], list] = {}  # key -> [cpu at first sight, last cpu, nice]
+        self.others_every = others_every
+        self._t_start = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -283,11 +315,15 @@ class TreeCpu:
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
             return
+        tick = 0
         while not self._stop.is_set():
+            if tick % self.others_every == 0:
+                self._sample_others(psutil)
+            tick += 1
             try:
                 procs = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
-                return
+                break
             self.peak_procs = max(self.peak_procs, len(procs))
             for proc in procs:
                 try:
@@ -296,11 +332,37 @@ class TreeCpu:
                         key = (proc.pid, proc.create_time())
                         self.seen[key] = t.user + t.system
                         # Re-read each time: a spawned child shows its parent's command line
-                        # between fork and exec.
-                        self.labels[key] = _proc_label(proc.cmdline())
+                        # between fork and exec, and a Ray worker is "IDLE" between tasks.
+                        label = _proc_label(proc.cmdline())
+                        if label not in ("?", "ray::IDLE") or key not in self.labels:
+                            self.labels[key] = label
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     pass
             self._stop.wait(self.interval)
+        self._sample_others(psutil)
+
+    def _sample_others(self, psutil) -> None:
+        for proc in psutil.process_iter(["pid", "create_time", "nice", "cpu_times"]):
+            info = proc.info
+            if info["pid"] in self.exclude or info["cpu_times"] is None or info["create_time"] is None:
+                continue
+            key = (info["pid"], info["create_time"])
+            cpu = info["cpu_times"].user + info["cpu_times"].system
+            entry = self.others.get(key)
+            if entry is None:
+                born_during = info["create_time"] >= self._t_start
+                self.others[key] = [0.0 if born_during else cpu, cpu, info["nice"] or 0]
+            else:
+                entry[1], entry[2] = cpu, info["nice"] or 0
+
+    def others_cpu_s(self, niced: bool) -> float:
+        """CPU-seconds of processes outside the tool's tree (and `exclude`) during the run, at
+        nice > 0 (`niced`) or at nice <= 0."""
+        return sum(
+            last - first
+            for key, (first, last, nice) in self.others.items()
+            if key not in self.seen and (nice > 0) == niced
+        )
 
     @property
     def cpu_s(self) -> float | None:
@@ -332,14 +394,14 @@ def _proc_label(cmdline: list[str]) -> str:
     return prog[:40]
 
 
-def _run(cmd: list[str], log: Path, env: dict, cwd: Path, timeout: float) -> dict:
+def _run(cmd: list[str], log: Path, env: dict, cwd: Path, timeout: float, exclude: tuple[int, ...] = ()) -> dict:
     """Run a command to completion: wall time, its own CPU-seconds (it and the descendants it
     waited for) and the whole machine's busy CPU-seconds meanwhile."""
     with open(log, "wb") as fh:
-        cpu0 = _machine_busy_s()
+        cpu0 = _machine_cpu()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        with TreeCpu(proc.pid) as tree:
+        with TreeCpu(proc.pid, exclude=(os.getpid(), *exclude)) as tree:
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -347,7 +409,7 @@ def _run(cmd: list[str], log: Path, env: dict, cwd: Path, timeout: float) -> dic
                 proc.wait()
                 raise RuntimeError(f"{' '.join(cmd[:4])} ... timed out after {timeout:g}s; log {log}") from None
         wall = time.perf_counter() - t0
-        cpu1 = _machine_busy_s()
+        cpu1 = _machine_cpu()
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {rc}; log {log}:\n{_tail(log)}")
     return {
@@ -355,7 +417,10 @@ def _run(cmd: list[str], log: Path, env: dict, cwd: Path, timeout: float) -> dic
         "tool_cpu_s": tree.cpu_s,
         "tool_peak_processes": tree.peak_procs,
         "tool_cpu_s_by_process": tree.by_process(),
-        "machine_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+        "others_normal_priority_cpu_s": round(tree.others_cpu_s(niced=False), 2),
+        "others_niced_cpu_s": round(tree.others_cpu_s(niced=True), 2),
+        "machine_cpu_s": None if cpu0 is None or cpu1 is None else cpu1[0] - cpu0[0],
+        "machine_niced_cpu_s": None if cpu0 is None or cpu1 is None else cpu1[1] - cpu0[1],
         "load_after": round(os.getloadavg()[0], 2),
     }
 
@@ -378,12 +443,12 @@ def warm_imports(tools: list[str]) -> None:
         subprocess.run([sys.executable, "-c", code[tool]], env=_base_env(), capture_output=True, check=False)
 
 
-def run_img2dataset(args, urls: Path, out: Path, log: Path) -> dict:
+def run_img2dataset(args, urls: Path, out: Path, log: Path, exclude: tuple[int, ...] = ()) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "_img2dataset", "--urls", str(urls), "--output", str(out)]
     cmd += ["--processes", str(args.processes), "--threads", str(args.i2d_threads)]
     cmd += ["--shard-size", str(args.shard_size), "--image-size", str(args.image_size)]
     cmd += ["--resize-mode", args.resize_mode]
-    timing = _run(cmd, log, _base_env(), out.parent, args.timeout)
+    timing = _run(cmd, log, _base_env(), out.parent, args.timeout, exclude)
     stats = [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(out / "*_stats.json")))]
     span = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats) if stats else float("nan")
     return {
@@ -418,12 +483,12 @@ def vlm_overrides(args) -> list[str]:
 _THROUGHPUT = re.compile(r"throughput:\s*([0-9.]+)\s*images/s over\s*([0-9.]+)s")
 
 
-def run_vlm(args, urls: Path, out: Path, log: Path, workdir: Path) -> dict:
+def run_vlm(args, urls: Path, out: Path, log: Path, workdir: Path, exclude: tuple[int, ...] = ()) -> dict:
     env = _base_env()
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "pipelines.cli", "-q", "ingest", "--input", str(urls), "--output", str(out)]
     cmd += vlm_overrides(args)
-    timing = _run(cmd, log, env, workdir, args.timeout)
+    timing = _run(cmd, log, env, workdir, args.timeout, exclude)
     manifest = json.loads((out / "manifest.json").read_text())
     m = _THROUGHPUT.search(log.read_text(errors="replace"))
     # Shard span as for img2dataset: a shard ends when its stats file (written last) is
@@ -681,15 +746,15 @@ def main(argv: list[str] | None = None) -> int:
                 out = workdir / f"{tool}-{rep}"
                 shutil.rmtree(out, ignore_errors=True)
                 log = workdir / f"{tool}-{rep}.log"
-                waited = wait_quiet(args.wait_quiet)
+                waited = wait_quiet(args.wait_quiet, (server.proc.pid,))
                 load = os.getloadavg()[0]
                 note = f", waited {waited:.0f}s for quiet" if waited >= 2 else ""
                 print(f"[{rep + 1}/{args.repeats}] {tool} (load {load:.2f}{note}) ...", end=" ", flush=True)
                 side0 = server.cpu_s() + _self_cpu_s()
                 if tool == "vlm":
-                    res = run_vlm(args, server.urls, out, log, workdir)
+                    res = run_vlm(args, server.urls, out, log, workdir, (server.proc.pid,))
                 else:
-                    res = run_img2dataset(args, server.urls, out, log)
+                    res = run_img2dataset(args, server.urls, out, log, (server.proc.pid,))
                 side = server.cpu_s() + _self_cpu_s() - side0
                 res.update(tool=tool, repeat=rep, load_before=round(load, 2), web_and_bench_cpu_s=round(side, 2))
                 res["waited_for_quiet_s"] = round(waited, 1)
@@ -714,13 +779,17 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, args.tools)
     text = table(summary, settings)
     cores = os.cpu_count() or 1
-    busy = [r for r in runs if (r.get("others_cpu_s") or 0) > 0.1 * cores * r["wall_s"]]
+    busy = [r for r in runs if (r.get("others_normal_priority_cpu_s") or 0) > 0.1 * cores * r["wall_s"]]
     if busy:
-        what = ", ".join(f"{r['tool']} #{r['repeat'] + 1}: {r['others_cpu_s']:.0f}s" for r in busy)
+        what = ", ".join(f"{r['tool']} #{r['repeat'] + 1}: {r['others_normal_priority_cpu_s']:.0f}s" for r in busy)
         text += (
-            f"\nnote: other work used this machine's CPUs during some runs, so those figures are low "
-            f"(CPU-seconds of other processes: {what})"
+            f"\nnote: other normal-priority work competed for this machine's CPUs during some runs, so "
+            f"those figures are low (its CPU-seconds: {what})"
         )
+    niced = [r for r in runs if (r.get("others_niced_cpu_s") or 0) > 0.1 * cores * r["wall_s"] and r not in busy]
+    if niced:
+        what = ", ".join(f"{r['tool']} #{r['repeat'] + 1}: {r['others_niced_cpu_s']:.0f}s" for r in niced)
+        text += f"\nnote: niced jobs filled idle CPU during some runs (CPU-seconds: {what})"
     print()
     print(text)
     result = {
