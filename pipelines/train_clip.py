@@ -6,15 +6,13 @@ is `vlm.train.loop.train_worker`; this module supplies the CLIP task and wires i
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines import training
 from vlm.config import to_dict, write_config
 from vlm.data.clip_data import ClipDataConfig
-from vlm.errors import InputError
 from vlm.models.clip.build import CLIPModelConfig
 from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig, deepspeed_config
 
@@ -117,24 +115,6 @@ def _clip_worker(config: dict) -> None:
     train_worker(lambda: ClipTask(cfg), config["spec"])
 
 
-def find_shards(spec: str) -> list[str]:
-    """Tar shards from a directory, a glob, or a comma-separated list of those."""
-    paths: list[str] = []
-    for part in [p for p in str(spec).split(",") if p]:
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
-        else:
-            found = sorted(glob.glob(part))
-        paths += [os.path.abspath(p) for p in found if p.endswith(".tar")]
-    if not paths:
-        raise InputError(f"no WebDataset shards (*.tar) found at {spec}")
-    return paths
-
-
-def _state_path(out: Path) -> Path:
-    return out / "train_state.json"
-
-
 def train_clip(
     data: str,
     output: str | Path,
@@ -145,12 +125,8 @@ def train_clip(
     parent_run_id: str | None = None,
 ) -> dict:
     """Run CLIP training; returns {"eval": metrics, "mlflow_run_id", "export", "steps"}."""
-    import time
-
     import ray
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from vlm import tracking
     from vlm.data.clip_data import ClipPreprocess
@@ -159,27 +135,21 @@ def train_clip(
     from vlm.train.config import micro_batch_size
     from vlm.train.loop import LoopSpec
 
-    shards = find_shards(data)
+    shards = training.find_shards(data)
     mcfg = model_config(cfg.model.preset)
     micro = micro_batch_size(cfg.train, cfg.scaling.num_workers)
     out = Path(output).resolve()
-    state_file = _state_path(out)
-    previous = json.loads(state_file.read_text()) if state_file.is_file() else None
-    if resume and previous is None:
-        raise InputError(f"nothing to resume: {out} holds no training run (no train_state.json)")
-    if not resume and previous is not None:
-        raise InputError(f"{out} already holds a training run; pass --resume to continue it, or use a new --output")
+    previous = training.previous_run(out, resume)
     ds_config = deepspeed_config(
         cfg.optim, cfg.deepspeed, cfg.train, cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
     )
 
-    local_cpus = 2 * (os.cpu_count() or 2) + int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.999)
-    init_ray(address, num_cpus=local_cpus)
-    check_data_headroom(cfg.scaling)
+    init_ray(address, num_cpus=training.local_cpus(cfg.scaling))
+    training.check_data_headroom(cfg.scaling)
     out.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out / "config.yaml")
     (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
-    run_name = previous["ray_run_name"] if previous else f"clip-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = training.ray_run_name(previous, "clip")
 
     with tracking.start_run(
         cfg.tracking.experiment,
@@ -189,11 +159,10 @@ def train_clip(
         parent_run_id=parent_run_id,
     ) as run:
         run_id = run.run_id if run else None
-        state = {"ray_run_name": run_name, "mlflow_run_id": run_id, "data": shards}
-        state_file.write_text(json.dumps(state, indent=2))
+        training.write_state(out, run_name, run_id, shards)
         if run and not previous:
             run.log_config(cfg)
-            run.log_params({f"ds.{k}": v for k, v in _flat_ds(ds_config).items()})
+            run.log_params({f"ds.{k}": v for k, v in training.flat_ds(ds_config).items()})
             run.log_params({"data.num_shards": len(shards), "micro_batch_size": micro})
             run.log_dict(ds_config, "deepspeed.json")
 
@@ -215,61 +184,4 @@ def train_clip(
             mlflow_run_id=run_id,
             config=to_dict(cfg),
         )
-        resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
-        if cfg.scaling.use_gpu:
-            resources["GPU"] = cfg.scaling.gpus_per_worker
-        trainer = TorchTrainer(
-            _clip_worker,
-            train_loop_config={"cfg": cfg, "spec": spec},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
-            ),
-            run_config=ray.train.RunConfig(
-                name=run_name,
-                storage_path=str(out / "ray"),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            ),
-            datasets={"train": ds},
-        )
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-        eval_path = out / "eval.json"
-        evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-        if run:
-            run.log_artifact(out / "export", "model")
-            run.log_artifact(out / "config.yaml")
-        return {
-            "eval": evals,
-            "mlflow_run_id": run_id,
-            "export": str(out / "export"),
-            "steps": evals.get("step"),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        }
-
-
-def check_data_headroom(scaling) -> None:
-    """Training workers must leave Ray Data at least one CPU, or the job waits forever."""
-    import ray
-
-    from vlm.errors import ClusterError
-
-    total = ray.cluster_resources().get("CPU", 0)
-    taken = scaling.num_workers * scaling.cpus_per_worker
-    if total - taken < 1:
-        raise ClusterError(
-            f"Ray has {total:g} CPUs and the {scaling.num_workers} training workers take {taken:g}, leaving none "
-            "for Ray Data; lower scaling.cpus_per_worker (fractions work) or add CPUs"
-        )
-
-
-def _flat_ds(ds: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in ds.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(_flat_ds(v, name + "."))
-        else:
-            flat[name] = v
-    return flat
+        return training.fit(_clip_worker, {"cfg": cfg, "spec": spec}, cfg, out, run_name, ds, run)

@@ -10,11 +10,10 @@ into a frozen causal LM (Alayrac et al. 2022), on image-text pairs packed into i
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.train_clip import _flat_ds, _state_path, check_data_headroom, find_shards
+from pipelines import training
 from vlm.config import to_dict, write_config
 from vlm.data.flamingo_data import FlamingoDataConfig
 from vlm.errors import ConfigError, InputError
@@ -241,12 +240,8 @@ def train_flamingo(
     parent_run_id: str | None = None,
 ) -> dict:
     """Run Flamingo training; returns {"eval": metrics, "mlflow_run_id", "export", "steps", "checkpoint"}."""
-    import time
-
     import ray
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from vlm import tracking
     from vlm.data.flamingo_data import FlamingoPreprocess
@@ -254,30 +249,24 @@ def train_flamingo(
     from vlm.train.config import micro_batch_size
     from vlm.train.loop import LoopSpec
 
-    shards = find_shards(data)
+    shards = training.find_shards(data)
     mcfg = model_config(cfg)
     check_vision_checkpoint(mcfg)
     size = vision_image_size(mcfg)
     micro = micro_batch_size(cfg.train, cfg.scaling.num_workers)
     out = Path(output).resolve()
-    state_file = _state_path(out)
-    previous = json.loads(state_file.read_text()) if state_file.is_file() else None
-    if resume and previous is None:
-        raise InputError(f"nothing to resume: {out} holds no training run (no train_state.json)")
-    if not resume and previous is not None:
-        raise InputError(f"{out} already holds a training run; pass --resume to continue it, or use a new --output")
+    previous = training.previous_run(out, resume)
     ds_config = deepspeed_config(
         cfg.optim, cfg.deepspeed, cfg.train, cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
     )
 
-    local_cpus = 2 * (os.cpu_count() or 2) + int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.999)
-    init_ray(address, num_cpus=local_cpus)
-    check_data_headroom(cfg.scaling)
+    init_ray(address, num_cpus=training.local_cpus(cfg.scaling))
+    training.check_data_headroom(cfg.scaling)
     out.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out / "config.yaml")
     (out / "model_config.json").write_text(json.dumps(to_dict(mcfg), indent=2))
     (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
-    run_name = previous["ray_run_name"] if previous else f"flamingo-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = training.ray_run_name(previous, "flamingo")
 
     with tracking.start_run(
         cfg.tracking.experiment,
@@ -287,11 +276,10 @@ def train_flamingo(
         parent_run_id=parent_run_id,
     ) as run:
         run_id = run.run_id if run else None
-        state = {"ray_run_name": run_name, "mlflow_run_id": run_id, "data": shards}
-        state_file.write_text(json.dumps(state, indent=2))
+        training.write_state(out, run_name, run_id, shards)
         if run and not previous:
             run.log_config(cfg)
-            run.log_params({f"ds.{k}": v for k, v in _flat_ds(ds_config).items()})
+            run.log_params({f"ds.{k}": v for k, v in training.flat_ds(ds_config).items()})
             run.log_params({"data.num_shards": len(shards), "micro_batch_size": micro, "image_size": size})
             run.log_dict(ds_config, "deepspeed.json")
             run.log_dict(to_dict(mcfg), "model_config.json")
@@ -317,35 +305,6 @@ def train_flamingo(
             mlflow_run_id=run_id,
             config=to_dict(cfg),
         )
-        resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
-        if cfg.scaling.use_gpu:
-            resources["GPU"] = cfg.scaling.gpus_per_worker
-        trainer = TorchTrainer(
-            _flamingo_worker,
-            train_loop_config={"cfg": cfg, "model_cfg": mcfg, "spec": spec},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
-            ),
-            run_config=ray.train.RunConfig(
-                name=run_name,
-                storage_path=str(out / "ray"),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            ),
-            datasets={"train": ds},
+        return training.fit(
+            _flamingo_worker, {"cfg": cfg, "model_cfg": mcfg, "spec": spec}, cfg, out, run_name, ds, run
         )
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-        eval_path = out / "eval.json"
-        evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-        if run:
-            run.log_artifact(out / "export", "model")
-            run.log_artifact(out / "config.yaml")
-        return {
-            "eval": evals,
-            "mlflow_run_id": run_id,
-            "export": str(out / "export"),
-            "steps": evals.get("step"),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        }

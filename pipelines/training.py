@@ -1,0 +1,123 @@
+"""Driver-side plumbing shared by every `vlm train ...`: shards, run state, TorchTrainer, results.
+
+A trainer module supplies its task, config and Ray Data pipeline; this module owns what is the
+same for all of them: finding shards, the `train_state.json` that makes `--resume` reopen the
+same Ray run and MLflow run, the CPU headroom check, and building/fitting the `TorchTrainer`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from pathlib import Path
+
+from vlm.errors import ClusterError, InputError
+
+STATE_FILE = "train_state.json"
+
+
+def find_shards(spec: str) -> list[str]:
+    """Tar shards from a directory, a glob, or a comma-separated list of those."""
+    paths: list[str] = []
+    for part in [p for p in str(spec).split(",") if p]:
+        found = sorted(glob.glob(os.path.join(part, "*.tar"))) if os.path.isdir(part) else sorted(glob.glob(part))
+        paths += [os.path.abspath(p) for p in found if p.endswith(".tar")]
+    if not paths:
+        raise InputError(f"no WebDataset shards (*.tar) found at {spec}")
+    return paths
+
+
+def previous_run(out: Path, resume: bool) -> dict | None:
+    """The run state in `out` (for --resume), or None for a new run; refuses the mismatches."""
+    state_file = out / STATE_FILE
+    previous = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if resume and previous is None:
+        raise InputError(f"nothing to resume: {out} holds no training run (no {STATE_FILE})")
+    if not resume and previous is not None:
+        raise InputError(f"{out} already holds a training run; pass --resume to continue it, or use a new --output")
+    return previous
+
+
+def ray_run_name(previous: dict | None, kind: str) -> str:
+    return previous["ray_run_name"] if previous else f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_state(out: Path, run_name: str, run_id: str | None, shards: list[str]) -> None:
+    (out / STATE_FILE).write_text(
+        json.dumps({"ray_run_name": run_name, "mlflow_run_id": run_id, "data": shards}, indent=2)
+    )
+
+
+def local_cpus(scaling) -> int:
+    """Logical CPUs for a local Ray: twice the cores plus what the training workers hold."""
+    return 2 * (os.cpu_count() or 2) + int(scaling.num_workers * scaling.cpus_per_worker + 0.999)
+
+
+def check_data_headroom(scaling) -> None:
+    """Training workers must leave Ray Data at least one CPU, or the job waits forever."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    taken = scaling.num_workers * scaling.cpus_per_worker
+    if total - taken < 1:
+        raise ClusterError(
+            f"Ray has {total:g} CPUs and the {scaling.num_workers} training workers take {taken:g}, leaving none "
+            "for Ray Data; lower scaling.cpus_per_worker (fractions work) or add CPUs"
+        )
+
+
+def flat_ds(ds: dict, prefix: str = "") -> dict:
+    """DeepSpeed's nested dict as dotted keys, for MLflow params."""
+    flat = {}
+    for k, v in ds.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flat_ds(v, name + "."))
+        else:
+            flat[name] = v
+    return flat
+
+
+def fit(worker_fn, loop_config: dict, cfg, out: Path, run_name: str, dataset, run) -> dict:
+    """Build the TorchTrainer from `cfg.scaling`/`cfg.train`, fit it, collect eval and export.
+
+    Returns {"eval", "mlflow_run_id", "export", "steps", "checkpoint"}.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(out / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    eval_path = out / "eval.json"
+    evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+    if run:
+        run.log_artifact(out / "export", "model")
+        run.log_artifact(out / "config.yaml")
+    return {
+        "eval": evals,
+        "mlflow_run_id": run.run_id if run else None,
+        "export": str(out / "export"),
+        "steps": evals.get("step"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
