@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
+# Set by the pipeline runner around a stage, so the stage's own run nests under the pipeline's
+# run (same experiment, the stage's name) without the stage knowing it runs in a pipeline.
+ENV_PARENT = "VLM_MLFLOW_PARENT_RUN_ID"
+ENV_EXPERIMENT = "VLM_MLFLOW_EXPERIMENT"
+ENV_RUN_NAME = "VLM_MLFLOW_RUN_NAME"
+ENV_TAGS = "VLM_MLFLOW_TAGS"  # JSON object
+
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else the embedded SQLite store in the working directory."""
@@ -152,10 +159,19 @@ def start_run(
 ) -> Iterator[Run | None]:
     """Open (or, with `run_id`, reopen) a run; ends it FINISHED, or FAILED on an exception.
 
-    Yields None (and the job goes on untracked) if the tracking store cannot be reached.
+    Inside a pipeline stage (see `stage_env`) a new run goes to the pipeline's experiment, nested
+    under its run and named after the stage. Yields None (and the job goes on untracked) if the
+    tracking store cannot be reached.
     """
     _quiet_mlflow()
     uri = tracking_uri()
+    if run_id is None and os.environ.get(ENV_PARENT) and parent_run_id is None:
+        import json
+
+        parent_run_id = os.environ[ENV_PARENT]
+        experiment = os.environ.get(ENV_EXPERIMENT) or experiment
+        run_name = os.environ.get(ENV_RUN_NAME) or run_name
+        tags = {**(tags or {}), **json.loads(os.environ.get(ENV_TAGS) or "{}")}
     try:
         import mlflow
 
@@ -186,6 +202,18 @@ def start_run(
             client.set_terminated(run_id, status=status)
         except Exception as exc:
             log.warning("mlflow set_terminated failed: %s", exc)
+
+
+def stage_env(parent_run_id: str, experiment: str, run_name: str, tags: dict[str, Any]) -> dict[str, str]:
+    """The environment that makes `start_run` nest a stage's run under a pipeline run."""
+    import json
+
+    return {
+        ENV_PARENT: parent_run_id,
+        ENV_EXPERIMENT: experiment,
+        ENV_RUN_NAME: run_name,
+        ENV_TAGS: json.dumps({k: str(v) for k, v in tags.items()}),
+    }
 
 
 def ui_hint() -> str:
