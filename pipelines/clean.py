@@ -1,0 +1,502 @@
+"""Clean stage: ingest's shards -> basic filters, exact + near dedup, CLIP score -> filtered shards.
+
+1. Features (Ray Data): one task per input shard reads its tar and computes every CPU step's
+   per-sample features (image header, caption length, SHA-256, pHash); a model step
+   (`clipscore`) then runs as a `map_batches` actor pool (`ClipScorer`, model loaded once per
+   actor, `clipscore.num_gpus` each).
+2. Plan (driver): the steps decide in YAML order over all samples in key order, so global
+   decisions (dedup keeps the first occurrence across every shard; top-fraction CLIP score)
+   see the whole dataset. Decisions go to `OUTPUT/_plan/{shard}.parquet`, then
+   `OUTPUT/_plan/plan.json` (config digest + input manifest digest); reruns reuse the plan, so
+   they make the same decisions.
+3. Write (Ray Data): one task per incomplete shard writes kept / `_dropped/` samples with
+   `vlm.data.filtered_shards.write_filtered_shard` (stats last); complete shards are skipped.
+4. Finish: `_SUCCESS` + `manifest.json`, an MLflow run in experiment `clean` (counts by reason,
+   `kept_fraction`, CLIP score histogram, dropped examples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlm.config import config_hash, to_dict, write_config
+from vlm.data import cleaning as cl
+from vlm.data import filtered_shards as fs
+from vlm.data import shards as sh
+from vlm.errors import InputError
+
+PLAN_DIR = "_plan"
+PLAN_FILE = "plan.json"
+STAGE = "clean"
+_CLIP_RUNTIME_FIELDS = ("batch_size", "concurrency", "num_gpus", "num_cpus")  # how fast, not what
+
+
+@dataclass
+class CleanRayConfig:
+    concurrency: int | None = None  # shard tasks in flight (features, writing); null: the cluster's CPUs
+    num_cpus_per_task: float = 1.0  # CPUs reserved per shard task
+
+
+@dataclass
+class CleanTrackingConfig:
+    experiment: str = "clean"
+    run_name: str | None = None
+    dropped_examples: int = 24  # dropped images (with reasons) in the MLflow contact sheet
+
+
+@dataclass
+class CleanConfig:
+    steps: list[str] = field(default_factory=lambda: ["basic", "dedup"])  # applied in this order
+    basic: cl.BasicConfig = field(default_factory=cl.BasicConfig)
+    dedup: cl.DedupConfig = field(default_factory=cl.DedupConfig)
+    clipscore: cl.ClipScoreConfig = field(default_factory=cl.ClipScoreConfig)
+    ray: CleanRayConfig = field(default_factory=CleanRayConfig)
+    tracking: CleanTrackingConfig = field(default_factory=CleanTrackingConfig)
+
+    def validate(self) -> None:
+        for name in self.steps:
+            if name not in cl.STEPS:
+                raise ValueError(f"unknown clean step '{name}' in steps; expected some of {', '.join(cl.STEPS)}")
+        if len(set(self.steps)) != len(self.steps):
+            raise ValueError(f"clean steps listed twice: {self.steps}")
+        if "clipscore" in self.steps and not self.clipscore.checkpoint:
+            raise ValueError("step clipscore needs clipscore.checkpoint (an open_clip export dir)")
+
+    def build_steps(self) -> list[cl.Step]:
+        return cl.build_steps(self.steps, {name: getattr(self, name) for name in self.steps})
+
+
+def content_hash(cfg: CleanConfig) -> str:
+    """Digest of what decides the output: the steps in order and their settings (not speed knobs)."""
+    content: dict = {"steps": list(cfg.steps)}
+    for name in cfg.steps:
+        section = to_dict(getattr(cfg, name))
+        if name == "clipscore":
+            section = {k: v for k, v in section.items() if k not in _CLIP_RUNTIME_FIELDS}
+            section["checkpoint"] = str(Path(section["checkpoint"]).resolve())
+        content[name] = section
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def input_digest(in_dir: Path) -> str:
+    """Digest of the input's manifest: a changed input makes a different plan."""
+    return hashlib.sha256((Path(in_dir) / sh.MANIFEST_FILE).read_bytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- features (Ray)
+
+
+def _concurrency(cfg: CleanConfig, n: int) -> int:
+    from vlm.runtime import cluster_cpus
+
+    size = cfg.ray.concurrency or max(1, int(cluster_cpus() / cfg.ray.num_cpus_per_task))
+    return max(1, min(size, n))
+
+
+def _feature_rows(in_dir: Path, steps: list[cl.Step], keep_image: bool):
+    """The per-shard feature task: one row per sample (+ image and caption for a model step)."""
+    cpu_steps = [s for s in steps if not s.needs_model]
+
+    def read(item: dict) -> list[dict]:
+        rows = []
+        files = sh.read_tar_samples(sh.tar_path(in_dir, item["shard"]))
+        for key in sorted(files):
+            sample = cl.sample_from_files(key, files[key])
+            row = {"key": key, "shard": item["shard"], "features": json.dumps(cl.sample_features(cpu_steps, sample))}
+            if keep_image:
+                row["image"] = sample.image or b""
+                row["caption"] = sample.caption or ""
+            rows.append(row)
+        return rows
+
+    return read
+
+
+def compute_features(in_dir: Path, shards: list[int], cfg: CleanConfig, steps: list[cl.Step], show_progress: bool):
+    """Every sample's features as records `{"key", <step>: features}` (order: any)."""
+    import ray.data
+    from tqdm import tqdm
+
+    model_steps = [s for s in steps if s.needs_model]
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ds = ds.flat_map(
+        _feature_rows(in_dir, steps, keep_image=bool(model_steps)),
+        num_cpus=cfg.ray.num_cpus_per_task,
+        compute=ray.data.TaskPoolStrategy(size=_concurrency(cfg, len(shards))),
+    )
+    if model_steps:  # clipscore is the one model-bearing step
+        c = cfg.clipscore
+        ds = ds.map_batches(
+            cl.ClipScorer.bound(str(Path(c.checkpoint).resolve()), c.preset),
+            batch_size=c.batch_size,
+            batch_format="numpy",
+            num_cpus=c.num_cpus,
+            num_gpus=c.num_gpus,
+            compute=ray.data.ActorPoolStrategy(size=c.concurrency),
+        )
+        ds = ds.drop_columns(["image", "caption"])
+    total = sum(sh.read_stats(in_dir, s).get("successes", 0) for s in shards)
+    records = []
+    with tqdm(total=total, unit="img", desc="clean: features", disable=not show_progress, file=sys.stderr) as bar:
+        for row in ds.iter_rows():
+            record = {"key": row["key"], "shard": int(row["shard"]), **json.loads(row["features"])}
+            if model_steps:
+                record[cl.ClipScoreFilter.name] = cl.ClipScoreFilter.score_features(row["clip_score"])
+            records.append(record)
+            bar.update(1)
+    return records
+
+
+# ----------------------------------------------------------------------------- plan (driver)
+
+
+def _plan_dir(out: Path) -> Path:
+    return out / PLAN_DIR
+
+
+def _write_plan_shard(out: Path, shard: int, keys: list[str], decisions: dict[str, dict]) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [decisions[k] for k in keys]
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "keep": pa.array([d["keep"] for d in rows], pa.bool_()),
+            "reason": pa.array([d["reason"] for d in rows], pa.string()),
+            "dropped_by": pa.array([d["dropped_by"] for d in rows], pa.string()),
+            "meta": pa.array([json.dumps(d["meta"], sort_keys=True) for d in rows], pa.string()),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    sh.atomic_write_bytes(_plan_dir(out) / f"{sh.shard_name(shard)}.parquet", buf.getvalue())
+
+
+def read_plan_shard(out: Path, shard: int) -> dict[str, dict]:
+    """`{key: {"keep", "reason", "dropped_by", "meta"}}` of one shard's planned decisions."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(_plan_dir(out) / f"{sh.shard_name(shard)}.parquet").to_pylist()
+    return {r["key"]: r | {"meta": json.loads(r["meta"])} for r in rows}
+
+
+def plan(
+    in_dir: Path, out: Path, shards: list[int], cfg: CleanConfig, *, show_progress: bool = True
+) -> tuple[dict, bool]:
+    """Decide every sample once (or reuse a matching plan). Returns (plan, computed_now)."""
+    plan_path = _plan_dir(out) / PLAN_FILE
+    fingerprint = {
+        "content_hash": content_hash(cfg),
+        "input": str(in_dir.resolve()),
+        "input_manifest": input_digest(in_dir),
+        "shards": shards,
+    }
+    if plan_path.is_file():
+        existing = json.loads(plan_path.read_text())
+        if {k: existing.get(k) for k in fingerprint} == fingerprint:
+            return existing, False
+        if sh.complete_shards(out):
+            raise InputError(
+                f"output {out} holds shards cleaned from a different input or config; use a new --output "
+                "(or delete it to start over)"
+            )
+    elif sh.complete_shards(out):
+        raise InputError(f"output {out} holds shards but no clean plan; use a new --output")
+    shutil.rmtree(_plan_dir(out), ignore_errors=True)
+    _plan_dir(out).mkdir(parents=True)
+
+    t0 = time.time()
+    steps = cfg.build_steps()
+    records = compute_features(in_dir, shards, cfg, steps, show_progress)
+    t_features = time.time() - t0
+    decisions = cl.run_steps(steps, records)
+    by_shard: dict[int, list[str]] = {s: [] for s in shards}
+    for record in sorted(records, key=lambda r: r["key"]):
+        by_shard[record["shard"]].append(record["key"])
+    for shard, keys in by_shard.items():
+        _write_plan_shard(out, shard, keys, decisions)
+    kept = sum(d["keep"] for d in decisions.values())
+    result = fingerprint | {
+        "count": len(decisions),
+        "kept": kept,
+        "step_stats": {s.name: s.stats.to_dict() for s in steps},
+        "features_s": round(t_features, 3),
+        "plan_s": round(time.time() - t0, 3),
+    }
+    sh.atomic_write_json(plan_path, result)  # last: the plan is whole
+    return result, True
+
+
+# ----------------------------------------------------------------------------- write (Ray)
+
+
+def write_shard(in_dir: Path, out: Path, shard: int) -> dict:
+    """Write one output shard from its input shard and its planned decisions; the task body."""
+    t0 = time.time()
+    decisions = read_plan_shard(out, shard)
+    samples = []
+    for item in fs.read_input_shard(in_dir, shard):
+        d = decisions.get(item["key"])
+        if d is None:
+            raise InputError(f"input sample {item['key']} is not in the clean plan; the input changed since planning")
+        item["row"]["dropped_by"] = d["dropped_by"]
+        samples.append(item | {"keep": d["keep"], "reason": d["reason"], "caption": None, "meta": d["meta"]})
+    step_counts = Counter(d["dropped_by"] for d in decisions.values() if d["dropped_by"])
+    return fs.write_filtered_shard(
+        out,
+        shard,
+        samples,
+        stage=STAGE,
+        extra_stats={"dropped_by_step": dict(sorted(step_counts.items()))},
+        duration_s=time.time() - t0,
+    )
+
+
+def _write_shards(in_dir: Path, out: Path, todo: list[int], cfg: CleanConfig, show_progress: bool) -> list[dict]:
+    import ray.data
+    from tqdm import tqdm
+
+    def task(row: dict) -> dict:
+        return {"stats": json.dumps(write_shard(in_dir, out, row["shard"]))}
+
+    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+    ds = ds.map(
+        task,
+        num_cpus=cfg.ray.num_cpus_per_task,
+        compute=ray.data.TaskPoolStrategy(size=_concurrency(cfg, len(todo))),
+    )
+    results = []
+    with tqdm(total=len(todo), unit="shard", desc="clean: write", disable=not show_progress, file=sys.stderr) as bar:
+        for row in ds.iter_rows():
+            results.append(json.loads(row["stats"]))
+            bar.update(1)
+    return results
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _totals(out: Path, shards: list[int]) -> dict:
+    reasons: Counter = Counter()
+    by_step: Counter = Counter()
+    count = kept = 0
+    for shard in shards:
+        stats = sh.read_stats(out, shard)
+        count += stats["count"]
+        kept += stats["kept"]
+        reasons.update(stats["reason_counts"])
+        by_step.update(stats.get("dropped_by_step", {}))
+    return {
+        "count": count,
+        "kept": kept,
+        "dropped": count - kept,
+        "kept_fraction": kept / count if count else 0.0,
+        "reason_counts": dict(reasons.most_common()),
+        "dropped_by_step": dict(sorted(by_step.items())),
+    }
+
+
+def clean(
+    input_dir: str | Path,
+    output: str | Path,
+    cfg: CleanConfig,
+    address: str | None = None,
+    show_progress: bool = True,
+    *,
+    parent_run_id: str | None = None,
+) -> dict:
+    """Run the clean stage. Returns the manifest (with this invocation's timings under `run`)."""
+    from vlm import tracking
+    from vlm.runtime import init_ray
+
+    in_dir = Path(input_dir)
+    shards = fs.input_shards(in_dir)
+    if "clipscore" in cfg.steps:
+        cl.check_checkpoint(cfg.clipscore.checkpoint, cfg.clipscore.preset)  # the actors load it; fail fast here
+    out = Path(output)
+    if out.resolve() == in_dir.resolve():
+        raise InputError("--output must differ from --input")
+    where = init_ray(address, dashboard=False)  # before writing anything: a bad address leaves no trace
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    with tracking.start_run(
+        cfg.tracking.experiment,
+        cfg.tracking.run_name or f"clean-{out.name}",
+        tags={"stage": STAGE, "input": str(in_dir.resolve()), "output": str(out.resolve())},
+        parent_run_id=parent_run_id,
+    ) as run:
+        if run:
+            run.log_config(cfg)
+        the_plan, planned_now = plan(in_dir, out, shards, cfg, show_progress=show_progress)
+        write_config(cfg, out / "config.yaml")
+        if run:
+            run.log_params({"input": str(in_dir), "num_shards": len(shards), "content_hash": the_plan["content_hash"]})
+        todo = [s for s in shards if not sh.is_complete(out, s)]
+        new_stats = []
+        if todo:
+            sh.clear_success(out)
+            new_stats = _write_shards(in_dir, out, todo, cfg, show_progress)
+        missing = [s for s in shards if not sh.is_complete(out, s)]
+        if missing:
+            raise RuntimeError(f"clean finished with incomplete shards: {missing[:10]}")
+        elapsed = time.time() - t0
+        totals = _totals(out, shards)
+        totals["step_stats"] = the_plan["step_stats"]
+        run_info = {
+            "duration_s": elapsed,
+            "planned": planned_now,
+            "shards_written": len(new_stats),
+            "samples_per_s": the_plan["count"] / elapsed if planned_now and elapsed > 0 else 0.0,
+        }
+        manifest = {
+            "stage": STAGE,
+            "config_hash": config_hash(cfg, exclude=("ray", "tracking")),
+            "content_hash": the_plan["content_hash"],
+            "steps": list(cfg.steps),
+            "input": str(in_dir.resolve()),
+            "inputs": [{"path": str(in_dir.resolve()), "manifest_digest": the_plan["input_manifest"]}],
+            "shards": [f"{sh.shard_name(s)}.tar" for s in shards],
+            "num_shards": len(shards),
+            "totals": totals,
+            "kept_fraction": totals["kept_fraction"],
+            "mlflow_run_id": run.run_id if run else None,
+        }
+        sh.write_success(out, manifest)
+        if run:
+            _log_run(run, out, shards, cfg, manifest, run_info)
+    return manifest | {"run": run_info, "where": where}
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def stage_metrics(totals: dict) -> dict[str, float]:
+    """The names every filtering stage logs, so runs compare in MLflow: kept, dropped, dropped/<class>."""
+    metrics = {
+        "samples": totals["count"],
+        "kept": totals["kept"],
+        "dropped": totals["dropped"],
+        "kept_fraction": totals["kept_fraction"],
+    }
+    metrics.update({f"dropped/{cls}": n for cls, n in totals["reason_counts"].items()})
+    return metrics
+
+
+def _log_run(run, out: Path, shards: list[int], cfg: CleanConfig, manifest: dict, run_info: dict) -> None:
+    totals = manifest["totals"]
+    metrics = stage_metrics(totals)
+    for name, stats in totals["step_stats"].items():
+        metrics[f"step/{name}/seen"] = stats["seen"]
+        metrics[f"step/{name}/dropped"] = stats["dropped"]
+    metrics.update({"duration_s": run_info["duration_s"], "samples_per_s": run_info["samples_per_s"]})
+    run.log_metrics(metrics)
+    run.log_dict(manifest, "manifest.json")
+    if "clipscore" in cfg.steps:
+        scores, cutoff = _clip_scores(out, shards)
+        if scores:
+            run.log_image(score_histogram(scores, cutoff), "clipscore_histogram.png")
+    sheet = _dropped_sheet(out, shards, cfg.tracking.dropped_examples)
+    if sheet is not None:
+        run.log_image(sheet, "dropped_examples.png")
+
+
+def _clip_scores(out: Path, shards: list[int]) -> tuple[list[float], float | None]:
+    scores, cutoff = [], None
+    for shard in shards:
+        for d in read_plan_shard(out, shard).values():
+            entry = d["meta"].get("clipscore")
+            if entry is not None and entry.get("score") is not None:
+                scores.append(entry["score"])
+                cutoff = entry.get("cutoff", cutoff)
+    return scores, cutoff
+
+
+def score_histogram(scores: list[float], cutoff: float | None, bins: int = 50):
+    """A PIL image: the CLIP score distribution of the samples that reached the step, and the cutoff."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(scores, bins=bins, color="#4c72b0")
+    if cutoff is not None:
+        ax.axvline(cutoff, color="#c44e52", linestyle="--", label=f"cutoff {cutoff:.3f}")
+        ax.legend()
+    ax.set_xlabel("CLIP image-text cosine")
+    ax.set_ylabel("samples")
+    ax.set_title(f"CLIP score ({len(scores)} samples)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def _dropped_sheet(out: Path, shards: list[int], limit: int):
+    """Dropped images captioned with their reason class, a few per reason, for auditing."""
+    import io
+
+    from PIL import Image
+
+    from vlm.data.contact_sheet import contact_sheet
+
+    if limit <= 0:
+        return None
+    per_reason: Counter = Counter()
+    samples = []
+    dropped_dir = out / fs.DROPPED_DIR
+    for shard in shards:
+        if len(samples) >= limit or not sh.tar_path(dropped_dir, shard).is_file():
+            continue
+        for key, files in sorted(sh.read_tar_samples(sh.tar_path(dropped_dir, shard)).items()):
+            reason = json.loads(files.get("json", b"{}")).get(STAGE, {}).get("reason", "")
+            cls = fs.reason_class(reason)
+            image = next((files[e] for e in cl.IMAGE_EXTS if e in files), None)
+            if image is None or per_reason[cls] >= max(1, limit // 4):
+                continue
+            try:
+                img = Image.open(io.BytesIO(image)).convert("RGB")
+            except Exception:
+                continue
+            per_reason[cls] += 1
+            caption = files.get("txt", b"").decode("utf-8", "replace")
+            samples.append((img, f"{reason} | {caption!r}", key))
+            if len(samples) >= limit:
+                break
+    return contact_sheet(samples) if samples else None
+
+
+def summary_table(manifest: dict) -> str:
+    """The table printed when clean ends."""
+    totals = manifest["totals"]
+    count = max(totals["count"], 1)
+    lines = [f"{'outcome':<26}{'count':>10}{'share':>9}", "-" * 45]
+    lines.append(f"{'kept':<26}{totals['kept']:>10}{100 * totals['kept'] / count:>8.1f}%")
+    for cls, n in totals["reason_counts"].items():
+        lines.append(f"{'dropped: ' + cls:<26}{n:>10}{100 * n / count:>8.1f}%")
+    lines.append("-" * 45)
+    lines.append(f"{'total':<26}{totals['count']:>10}")
+    steps = " -> ".join(f"{name} (-{stats['dropped']})" for name, stats in totals.get("step_stats", {}).items())
+    if steps:
+        lines.append(f"steps: {steps}")
+    run = manifest.get("run", {})
+    if run.get("shards_written"):
+        lines.append(f"wrote {run['shards_written']} shard(s) in {run['duration_s']:.1f}s")
+    else:
+        lines.append("nothing to do: every shard was already complete")
+    return "\n".join(lines)
