@@ -35,6 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="re-download only samples that failed retryably")
     _add_config_args(p)
 
+    p = sub.add_parser("clean", help="basic filters, exact + near dedup, CLIP score over shards (Ray Data)")
+    p.add_argument("--input", required=True, help="shard directory (output of ingest)")
+    p.add_argument("--output", required=True, help="output directory for cleaned shards")
+    _add_config_args(p)
+
+    p = sub.add_parser("capfilt", help="BLIP CapFilt: synthetic captions + ITM filter over shards (Ray Data actors)")
+    p.add_argument("--input", required=True, help="shard directory (output of ingest or clean)")
+    p.add_argument("--output", required=True, help="output directory for cleaned shards")
+    _add_config_args(p)
+
     train = sub.add_parser("train", help="train a model on Ray Train + DeepSpeed")
     models = train.add_subparsers(dest="model", required=True)
     p = models.add_parser("clip", help="contrastive CLIP pretraining (open_clip)")
@@ -59,20 +69,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--no-grad-checkpointing", action="store_true")
 
-    p = sub.add_parser("demo", help="the whole pipeline on embedded defaults, against a local web")
+    p = sub.add_parser("demo", help="the whole mission as one pipeline on embedded defaults, against a local web")
     p.add_argument("--output", default="demo_out", help="where the demo writes (default: demo_out)")
-    p.add_argument("--n", type=int, default=3000, help="number of URLs the local web lists")
-    p.add_argument("--port", type=int, default=8731, help="local web port (fixed, so reruns see the same URLs)")
-    p.add_argument("--noisy-fraction", type=float, default=0.3, help="share of deliberately wrong captions")
-    p.add_argument("--clip-steps", type=int, default=800, help="CLIP optimizer steps")
+    p.add_argument("--force", action="store_true", help="rerun every stage, done or not")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline overrides, e.g. urls.params.n=1000")
+
+    pipe = sub.add_parser("pipeline", help="run a pipeline of stages from one YAML (configs/pipelines/)")
+    pipes = pipe.add_subparsers(dest="action", required=True)
+    p = pipes.add_parser("run", help="run the stages that are not done yet, in dependency order")
+    p.add_argument("file", help="pipeline YAML, e.g. configs/pipelines/demo.yaml")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything after it")
+    p.add_argument("--only", metavar="STAGE", help="run only STAGE (its inputs must be done)")
+    p.add_argument("--force", action="store_true", help="rerun every stage, done or not")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="output=DIR, STAGE.params.K=V, STAGE.cfg.key=V")
 
     p = sub.add_parser("web", help="serve the local test web (digits + failures) on 127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--n", type=int, default=1000, help="URLs to write with --write-urls")
     p.add_argument("--write-urls", help="write a URL list (suffix picks the format)")
     p.add_argument("--noisy-fraction", type=float, default=0.0)
+
+    p = sub.add_parser("submit", help="run a vlm command as a Ray job on a cluster (Job Submission API)")
+    _add_job_address(p)
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of tailing logs")
+    p.add_argument("--working-dir", help="code shipped with the job (default: the project root)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for the job")
+    p.add_argument("--pip", action="append", default=[], metavar="REQ", help="pip requirement installed for the job")
+    p.add_argument("--job-id", help="submission id (default: generated)")
+    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- vlm COMMAND ... (everything after --)")
+
+    jobs = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
+    actions = jobs.add_subparsers(dest="action", required=True)
+    _add_job_address(actions.add_parser("list", help="jobs on the cluster, newest last"))
+    for name, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a running job")):
+        p = actions.add_parser(name, help=text)
+        p.add_argument("job_id", metavar="JOB")
+        _add_job_address(p)
+        if name == "logs":
+            p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+
+    runs = sub.add_parser("runs", help="MLflow runs")
+    run_actions = runs.add_subparsers(dest="action", required=True)
+    p = run_actions.add_parser("compare", help="runs side by side: differing params, key metrics, loss curves")
+    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to compare")
+    p.add_argument("--experiment", action="append", default=[], help="all runs of this experiment (repeatable)")
+    p.add_argument("--parent", help="the nested stage runs of this pipeline run")
+    p.add_argument("--last", type=int, help="only the N most recent of the selected runs")
+    p.add_argument("--metric", action="append", default=[], help="another metric to show (repeatable)")
+    p.add_argument("--output", help="write an HTML report here (and its loss plot beside it as .png)")
     return parser
+
+
+def _add_job_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address", help="Ray dashboard, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else local)"
+    )
 
 
 def _cmd_ingest(args) -> int:
@@ -88,6 +141,48 @@ def _cmd_ingest(args) -> int:
     print(f"output: {Path(args.output).resolve()}  ({manifest['num_shards']} shard(s), _SUCCESS written)")
     if manifest.get("mlflow_run_id"):
         print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint()})")
+    return 0
+
+
+def _cmd_clean(args) -> int:
+    from pipelines.clean import CleanConfig, clean, summary_table
+    from vlm import tracking
+    from vlm.config import load_config
+
+    cfg = load_config(CleanConfig, args.config, args.overrides)
+    manifest = clean(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet)
+    print(summary_table(manifest))
+    print(f"output: {Path(args.output).resolve()}  ({manifest['num_shards']} shard(s), _SUCCESS written)")
+    if manifest.get("mlflow_run_id"):
+        print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint()})")
+    return 0
+
+
+def _cmd_capfilt(args) -> int:
+    from pipelines.capfilt import CapfiltConfig, capfilt
+    from vlm import tracking
+    from vlm.config import load_config
+
+    cfg = load_config(CapfiltConfig, args.config, args.overrides)
+    m = capfilt(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet)
+    t = m["totals"]
+    print(
+        f"capfilt: kept {t['kept']}/{t['count']} samples ({t['kept_fraction']:.1%}); "
+        f"chosen caption: web {t.get('chosen_original', 0)}, synthetic {t.get('chosen_synthetic', 0)}"
+    )
+    for reason, n in sorted(t["reason_counts"].items(), key=lambda kv: -kv[1]):
+        print(f"  dropped {n:>6}  {reason}")
+    if m["quality"]:
+        q = m["quality"]
+        print(
+            f"  filter vs known noise labels: precision {q['precision']:.3f}, recall {q['recall']:.3f} "
+            f"({q['labelled']} labelled samples)"
+        )
+    if m.get("images_per_s"):
+        print(f"  {m['images_per_s']:.1f} images/s")
+    print(f"output: {Path(args.output).resolve()}  ({m['num_shards']} shard(s), _SUCCESS written)")
+    if m.get("mlflow_run_id"):
+        print(f"mlflow run: {m['mlflow_run_id']}  (view: {tracking.ui_hint()})")
     return 0
 
 
@@ -139,6 +234,28 @@ def _cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def _cmd_pipeline(args) -> int:
+    from pipelines.runner import load_pipeline, run_pipeline, summary_table
+    from vlm import tracking
+
+    pipeline = load_pipeline(args.file, args.overrides)
+    print(f"pipeline {pipeline.name}: {len(pipeline.stages)} stages -> {pipeline.output}")
+    result = run_pipeline(pipeline, from_stage=args.from_stage, only=args.only, force=args.force, address=args.address)
+    print()
+    print(summary_table(result))
+    print(f"pipeline {pipeline.name} took {result['duration_s']:.0f}s; mlflow run: {result['mlflow_run_id']}")
+    print(f"  view: {tracking.ui_hint()}")
+    if result["failed"]:
+        first = result["failed"][0]
+        print(
+            f"vlm pipeline: error: stage {first!r} failed: {result['stages'][first]['error']} "
+            "(rerun the same command to continue from there)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _cmd_web(args) -> int:
     from vlm.data.localweb import main as web_main
 
@@ -148,7 +265,49 @@ def _cmd_web(args) -> int:
     return web_main(argv) or 0
 
 
-COMMANDS = {"ingest": _cmd_ingest, "train": _cmd_train, "plan": _cmd_plan, "demo": _cmd_demo, "web": _cmd_web}
+def _cmd_submit(args) -> int:
+    from pipelines.jobs import submit_command
+
+    return submit_command(args)
+
+
+def _cmd_jobs(args) -> int:
+    from pipelines.jobs import jobs_command
+
+    return jobs_command(args)
+
+
+def _cmd_runs(args) -> int:
+    from pipelines.compare import compare_runs
+
+    result = compare_runs(
+        run_ids=args.run_ids,
+        experiments=args.experiment,
+        parent=args.parent,
+        last=args.last,
+        extra_metrics=args.metric,
+        output=args.output,
+    )
+    print(result["table"])
+    if result["html"]:
+        plot = f" and {result['png']}" if result["png"] else " (no loss history to plot)"
+        print(f"report: {result['html']}{plot}")
+    return 0
+
+
+COMMANDS = {
+    "ingest": _cmd_ingest,
+    "train": _cmd_train,
+    "plan": _cmd_plan,
+    "demo": _cmd_demo,
+    "pipeline": _cmd_pipeline,
+    "capfilt": _cmd_capfilt,
+    "clean": _cmd_clean,
+    "web": _cmd_web,
+    "submit": _cmd_submit,
+    "jobs": _cmd_jobs,
+    "runs": _cmd_runs,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
