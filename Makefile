@@ -36,6 +36,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train_clip.py
+	$(BIN)/python bench/capfilt.py
 
 clean:
 	rm -rf demo_out mlruns.db mlartifacts bench/results .pytest_cache
