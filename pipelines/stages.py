@@ -198,15 +198,14 @@ def run_train_clip(input, output, config, overrides, params, address) -> dict:
 
 
 def run_train_blip(input, output, config, overrides, params, address) -> dict:
+    """`vlm train blip`; params.task (captioner / filter) overrides the config's `task`."""
     from pipelines.train_blip import TrainBlipConfig, train_blip
 
     _check_params("train-blip", params, ("task",))
-    task = params.get("task")
-    if task not in ("captioner", "filter"):
-        raise ConfigError(f"train-blip stage: params.task must be captioner or filter, got {task!r}")
+    if params.get("task"):
+        overrides = [*overrides, f"task={params['task']}"]
     cfg = load_config(TrainBlipConfig, config, overrides)
-    result = train_blip(_data(input, "train-blip"), output, cfg, task=task, resume=_resume(output), address=address)
-    return _train_result(result)
+    return _train_result(train_blip(_data(input, "train-blip"), output, cfg, resume=_resume(output), address=address))
 
 
 def run_train_flamingo(input, output, config, overrides, params, address) -> dict:
