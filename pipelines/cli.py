@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="run directory (default: outputs/train-flamingo)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     _add_config_args(p)
+    p = models.add_parser("blip", help="BLIP CapFilt captioner (LM loss) or filter (ITC + ITM) on clean pairs")
+    p.add_argument("--task", required=True, choices=["captioner", "filter"], help="which CapFilt model to train")
+    p.add_argument("--data", required=True, help="shard directory, glob, or comma-separated list")
+    p.add_argument("--output", default=None, help="run directory (default: outputs/train-blip-TASK)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    _add_config_args(p)
 
     plan = sub.add_parser("plan", help="per-GPU memory plan for a model under each ZeRO stage")
     plans = plan.add_subparsers(dest="model", required=True)
@@ -197,6 +203,13 @@ def _cmd_train(args) -> int:
         cfg = load_config(TrainClipConfig, args.config, args.overrides)
         name = cfg.model.preset
         result = train_clip(args.data, output, cfg, resume=args.resume, address=args.address)
+    elif args.model == "blip":
+        from pipelines.train_blip import TrainBlipConfig, train_blip
+
+        cfg = load_config(TrainBlipConfig, args.config, [*args.overrides, f"task={args.task}"])
+        name = f"blip-{cfg.task} ({cfg.blip.backend} {cfg.blip.preset})"
+        output = args.output or f"outputs/train-blip-{cfg.task}"
+        result = train_blip(args.data, output, cfg, resume=args.resume, address=args.address)
     else:
         from pipelines.train_flamingo import TrainFlamingoConfig, train_flamingo
 
@@ -311,7 +324,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (`pipeline run F --only S k=v`); argparse
+    # stops filling a positional list at the first option, so collect the rest here.
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.parse_args(argv)  # argparse's own error for what is really unknown
+        args.overrides = [*(args.overrides or []), *extra]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:

@@ -526,7 +526,7 @@ def _log_lineage(run_id: str | None, record: dict) -> None:
 
 
 def _metric_text(metrics: dict) -> str:
-    shown = [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))][:4]
+    shown = [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"][:4]
     return f"  ({', '.join(shown)})" if shown else ""
 
 
