@@ -14,7 +14,7 @@ weights seeded by `cfg.seed`, and processors whose tokenizers are made offline (
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -25,6 +25,7 @@ from vlm.models.scalars import reshape_scalar_params, restore_scalar_params
 __all__ = [
     "build_captioner",
     "build_filter",
+    "build_processor",
     "export_pretrained",
     "processor_inputs",
     "resolve_device",
@@ -92,6 +93,9 @@ def _vision_kwargs(preset: ModelPreset, image_size: int) -> dict:
         num_hidden_layers=v.layers,
         num_attention_heads=v.heads,
         intermediate_size=v.mlp,
+        # HF's vision configs default to 1e-10 (their weights always come from a checkpoint): a ViT
+        # built from scratch with it maps every image to the same features and never trains.
+        initializer_range=preset.init_std,
     )
 
 
@@ -111,11 +115,13 @@ def _blip_hf_config(preset: ModelPreset, tokenizer, image_size: int):
         sep_token_id=tokenizer.sep_token_id,  # generation stops at [SEP]
         pad_token_id=tokenizer.pad_token_id,
         label_smoothing=0.1,  # BLIP's captioning loss
+        initializer_range=preset.init_std,
     )
     return HFBlipConfig(
         text_config=text_config,
         vision_config=_vision_kwargs(preset, image_size),
         image_text_hidden_size=preset.embed_dim,
+        initializer_range=preset.init_std,
     )
 
 
@@ -129,6 +135,7 @@ def _qformer_kwargs(preset: ModelPreset, vocab_size: int, text_input: bool) -> d
         intermediate_size=q.mlp,
         max_position_embeddings=q.max_positions,
         use_qformer_text_input=text_input,  # the filter runs text through the Q-Former; the captioner does not
+        initializer_range=preset.init_std,
     )
 
 
@@ -145,6 +152,7 @@ def _blip2_hf_config(preset: ModelPreset, image_size: int, tokenizer, *, with_lm
         ffn_dim=t.mlp,
         max_position_embeddings=t.max_positions,
         word_embed_proj_dim=t.width,
+        init_std=preset.init_std,
     )
     if with_lm:
         text_config.update(
@@ -162,6 +170,7 @@ def _blip2_hf_config(preset: ModelPreset, image_size: int, tokenizer, *, with_lm
         num_query_tokens=preset.num_query_tokens,
         image_text_hidden_size=preset.embed_dim,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        initializer_range=preset.init_std,
     )
 
 
@@ -184,6 +193,24 @@ def _load(cls, path: str, cfg: BlipConfig):
     return model.eval(), processor
 
 
+def build_processor(cfg: BlipConfig, model: Literal["captioner", "filter"]):
+    """The processor `build_captioner` / `build_filter` pair with their model, without building the model
+    (what data-loading workers need): from the checkpoint when one is set, else made offline."""
+    from transformers import AutoProcessor
+
+    path = cfg.pretrained if model == "captioner" else cfg.filter_pretrained
+    if path:
+        return AutoProcessor.from_pretrained(path)
+    preset = get_preset(cfg.backend, cfg.preset)
+    image_size = cfg.image_size or preset.vision.image_size
+    if cfg.backend == "blip":
+        return _blip_processor(preset, image_size)
+    if model == "captioner":
+        return _blip2_processor(opt_tokenizer(preset.text.max_positions), image_size, preset.num_query_tokens)
+    # BLIP-2's filter reads text with the Q-Former, a BERT: WordPiece tokenizer, as HF's blip2-itm.
+    return _blip2_processor(bert_tokenizer(preset.qformer.max_positions), image_size, preset.num_query_tokens)
+
+
 def build_captioner(cfg: BlipConfig):
     """(model, processor): the captioner from `cfg.pretrained`, or built at `cfg.preset` size."""
     from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration
@@ -193,11 +220,10 @@ def build_captioner(cfg: BlipConfig):
         return _load(cls, cfg.pretrained, cfg)
     preset = get_preset(cfg.backend, cfg.preset)
     image_size = cfg.image_size or preset.vision.image_size
+    processor = build_processor(cfg, "captioner")
     if cfg.backend == "blip":
-        processor = _blip_processor(preset, image_size)
         hf_config = _blip_hf_config(preset, processor.tokenizer, image_size)
     else:
-        processor = _blip2_processor(opt_tokenizer(preset.text.max_positions), image_size, preset.num_query_tokens)
         hf_config = _blip2_hf_config(preset, image_size, processor.tokenizer, with_lm=True)
     model = _seeded(cls, hf_config, cfg.seed)
     if cfg.backend == "blip2":
@@ -218,12 +244,10 @@ def build_filter(cfg: BlipConfig):
         return _load(cls, cfg.filter_pretrained, cfg)
     preset = get_preset(cfg.backend, cfg.preset)
     image_size = cfg.image_size or preset.vision.image_size
+    processor = build_processor(cfg, "filter")
     if cfg.backend == "blip":
-        processor = _blip_processor(preset, image_size)
         hf_config = _blip_hf_config(preset, processor.tokenizer, image_size)
     else:
-        # BLIP-2's filter reads text with the Q-Former, a BERT: WordPiece tokenizer, as HF's blip2-itm.
-        processor = _blip2_processor(bert_tokenizer(preset.qformer.max_positions), image_size, preset.num_query_tokens)
         hf_config = _blip2_hf_config(preset, image_size, processor.tokenizer, with_lm=False)
     return _seeded(cls, hf_config, cfg.seed).to(torch_dtype(cfg.dtype)).eval(), processor
 

@@ -11,7 +11,9 @@ BLIP (Li et al. 2022, sec. 3.2-3.3) fine-tunes both from the pretrained model on
 Differences from BLIP, on purpose: no momentum encoder / queue (ITC uses in-batch negatives
 only), and the ITC temperature is fixed (HF's retrieval models have no temperature parameter;
 0.07 is BLIP's initial value). Captions equal token for token count as positives of each
-other, so duplicate captions in a batch are neither contrasted nor drawn as negatives.
+other, so duplicate captions in a batch are neither contrasted nor drawn as negatives; so do
+samples given the same group id (BLIP's retrieval fine-tuning does this with the COCO image id,
+whose five captions all match the image; for a labelled set such as the digits, the label).
 
 The functions take the HF module (with DeepSpeed: `engine.module`) and call its parts, which
 ZeRO-3's per-module parameter gathering handles.
@@ -139,6 +141,7 @@ def filter_loss(
     hard_negatives: bool = True,
     temperature: float = 0.07,
     generator: torch.Generator | None = None,
+    groups: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """ITC + ITM loss of a BLIP / BLIP-2 retrieval model on a `collate_blip(..., "filter")` batch.
 
@@ -148,6 +151,8 @@ def filter_loss(
         hard_negatives: draw ITM negatives by ITC similarity (BLIP); False: uniformly.
         temperature: ITC softmax temperature.
         generator: makes the negative draws reproducible.
+        groups: (B,) int group ids; pairs sharing an id >= 0 are positives of each other (never
+            drawn as ITM negatives, contrasted as matches). None or -1: only identical captions.
 
     Returns:
         loss (itc_loss + itm_loss), itc_loss, itm_loss, itm_acc (detached).
@@ -161,6 +166,9 @@ def filter_loss(
     sim_i2t = similarity(image_feat, text_feat).float() / temperature  # (B, B)
     sim_t2i = sim_i2t.t()
     positive = positive_pairs(ids, mask)  # (B, B), symmetric
+    if groups is not None:
+        g = groups.to(positive.device)
+        positive = positive | ((g[:, None] == g[None, :]) & (g[:, None] >= 0))
     targets = positive.float() / positive.float().sum(dim=1, keepdim=True)
     itc_loss = -0.5 * (
         (F.log_softmax(sim_i2t, dim=1) * targets).sum(dim=1).mean()
