@@ -108,9 +108,11 @@ def train_worker(task_factory, spec: LoopSpec) -> None:
 
     groups = param_groups(model, spec.deepspeed["optimizer"]["params"]["weight_decay"])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=_sized(spec.deepspeed, model))
-    if world == 1:
+    if world == 1 and engine.zero_optimization_stage() == 0:
         # One rank: DeepSpeed would still flatten every gradient and all-reduce it with itself
-        # (~15% of a tiny model's step on CPU, measured by bench/train_clip.py).
+        # (~15% of a tiny model's step on CPU, measured by bench/train_clip.py). Only without
+        # ZeRO: stages 1-2 move gradients into their partitions in that reduce (skipping it
+        # fails in the optimizer step with KeyError: 0).
         engine.enable_backward_allreduce = False
     device = engine.device
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
