@@ -106,6 +106,16 @@ def _pool_args(pool: PoolConfig) -> dict:
     return args
 
 
+def _bound(step_cls, cfg_dict: dict):
+    """`step_cls` with its config built in: Ray Data then passes no constructor arguments, which it
+    would keep in the object store (a restarted actor could find them gone)."""
+
+    def __init__(self) -> None:
+        step_cls.__init__(self, cfg_dict)
+
+    return type(step_cls.__name__, (step_cls,), {"__init__": __init__})
+
+
 def _dataset(in_dir: Path, todo: list[int], cfg: CapfiltConfig):
     import ray.data
 
@@ -114,12 +124,8 @@ def _dataset(in_dir: Path, todo: list[int], cfg: CapfiltConfig):
     blip = to_dict(cfg.blip)
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=max(1, len(todo)))
     ds = ds.flat_map(_read_rows, fn_kwargs={"in_dir": str(in_dir)})
-    ds = ds.map_batches(
-        CaptionerStep, fn_constructor_kwargs={"cfg_dict": blip}, batch_format="numpy", **_pool_args(cfg.captioner)
-    )
-    ds = ds.map_batches(
-        FilterStep, fn_constructor_kwargs={"cfg_dict": blip}, batch_format="numpy", **_pool_args(cfg.filter)
-    )
+    ds = ds.map_batches(_bound(CaptionerStep, blip), batch_format="numpy", **_pool_args(cfg.captioner))
+    ds = ds.map_batches(_bound(FilterStep, blip), batch_format="numpy", **_pool_args(cfg.filter))
     return ds.map_batches(_decisions_only, batch_format="numpy")
 
 

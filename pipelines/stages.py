@@ -213,7 +213,7 @@ def run_train_flamingo(input, output, config, overrides, params, address) -> dic
 
     _check_params("train-flamingo", params, ("clip",))
     if params.get("clip"):
-        overrides = [*overrides, f"model.vision_pretrained={params['clip']}"]
+        overrides = [*overrides, f"vision_checkpoint={params['clip']}"]
     cfg = load_config(TrainFlamingoConfig, config, overrides)
     result = train_flamingo(_data(input, "train-flamingo"), output, cfg, resume=_resume(output), address=address)
     return _train_result(result)
