@@ -171,7 +171,7 @@ def write_filtered_shard(
     sh.remove_shard(out, shard)
     sh.remove_shard(dropped_dir, shard)
     kept_writer = sh.ShardWriter(out, shard)
-    dropped_writer = sh.ShardWriter(dropped_dir, shard)
+    dropped_writer = sh.ShardWriter(dropped_dir, shard, primary=False)
     reasons: Counter = Counter()
     try:
         for sample in samples:

@@ -22,6 +22,10 @@ from typing import Any
 
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_FILE = "manifest.json"
+# Fault injection for crash/resume tests: a process that has published this many shards stops
+# (hangs) right there, so a test can SIGKILL it at a known point however fast the machine is.
+HANG_AFTER_SHARDS_ENV = "VLM_TEST_HANG_AFTER_SHARDS"
+_published_in_process = 0
 
 
 def shard_name(shard: int) -> str:
@@ -79,9 +83,10 @@ class ShardWriter:
     key so its content is the same for the same input.
     """
 
-    def __init__(self, out: Path, shard: int):
+    def __init__(self, out: Path, shard: int, primary: bool = True):
         self.out = Path(out)
         self.shard = shard
+        self.primary = primary  # False for side outputs (`_dropped/`) written beside a shard
         self._tmp_tar = self.out / f".{shard_name(shard)}.tar.tmp{os.getpid()}"
         self._tar = tarfile.open(self._tmp_tar, "w", format=tarfile.USTAR_FORMAT)
         self.rows: list[dict] = []
@@ -133,7 +138,18 @@ class ShardWriter:
         stats = shard_stats(rows, self.shard, self.bytes_written, time.time() - self._t0)
         stats.update(extra_stats or {})
         atomic_write_json(stats_path(self.out, self.shard), stats)
+        if self.primary:
+            _maybe_hang_after_publish()
         return stats
+
+
+def _maybe_hang_after_publish() -> None:
+    global _published_in_process
+    _published_in_process += 1
+    limit = os.environ.get(HANG_AFTER_SHARDS_ENV)
+    if limit and _published_in_process >= int(limit):
+        while True:  # until killed
+            time.sleep(60)
 
 
 def shard_stats(rows: Iterable[dict], shard: int, nbytes: int, duration_s: float) -> dict:
