@@ -5,6 +5,10 @@ per-worker loop is `vlm.train.loop.train_worker`; this module supplies the Flami
 vision encoder (from `vlm train clip`'s export), Perceiver Resampler and gated cross-attention trained
 into a frozen causal LM (Alayrac et al. 2022), on image-text pairs packed into interleaved sequences
 (`vlm.data.flamingo_data`), evaluated by few-shot captioning of held-out digits.
+
+A config-built LM is random; with `lm_pretrain.steps > 0` the driver first pretrains it on the shards'
+caption text (`vlm.models.flamingo.text_lm`, into OUTPUT/lm, reused on resume) and Flamingo freezes that,
+as the paper freezes its pretrained LM. An LM given by `model.lm_name_or_path` is used as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +31,21 @@ class FlamingoEvalConfig:
     limit: int = 50  # query images (each prompted once per shot count)
     image_size: int = 64  # size the held-out digits are stored at (as ingest stores training data)
     max_new_tokens: int = 16  # greedy decoding budget; the longest digit caption names it by token ~15
+    ranking: bool = True  # also classify by the log-likelihood of each digit's captions (fewshot_{k}_rank_acc)
+
+
+@dataclass
+class LMPretrainConfig:
+    """Text-only pretraining of a config-built LM on the training captions, before Flamingo training
+    (vlm.models.flamingo.text_lm): the stand-in for a pretrained LM where none is on disk. Skipped when
+    model.lm_name_or_path names an LM, which is pretrained already."""
+
+    steps: int = 0  # 0: no pretraining (a config-built LM then stays random)
+    lr: float = 3.0e-3
+    batch_size: int = 8  # rows of seq_len tokens per step
+    seq_len: int = 256  # at least the longest Flamingo sequence (k-shot eval prompts too): every position is trained
+    warmup_steps: int = 20
+    max_captions: int = 100_000  # captions read from the shards (the first ones, in shard order)
 
 
 @dataclass
@@ -44,6 +63,7 @@ class TrainFlamingoConfig:
     # FlamingoConfig field overrides. max_num_media, unless given, is raised to what data and eval need.
     model: dict = field(default_factory=dict)
     data: FlamingoDataConfig = field(default_factory=FlamingoDataConfig)
+    lm_pretrain: LMPretrainConfig = field(default_factory=LMPretrainConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.1, warmup_steps=50))
     deepspeed: DeepSpeedConfig = field(default_factory=lambda: DeepSpeedConfig(zero_stage=3))
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -127,6 +147,34 @@ def check_vision_checkpoint(mcfg) -> None:
             f"vision checkpoint {mcfg.vision_checkpoint} does not fit the vision model (first mismatch: '{bad[0]}'); "
             "pass a `vlm train clip` export directory, or set model.vision_model"
         )
+
+
+def pretrain_lm(shards: list[str], out: Path, cfg: TrainFlamingoConfig, mcfg) -> tuple[object, dict]:
+    """(model config, metrics): with lm_pretrain.steps > 0 and a config-built LM, pretrain the LM on the
+    shards' caption text into `out/lm` (once; a finished directory is reused) and point the model at it."""
+    import dataclasses
+
+    from vlm.data.flamingo_data import shard_captions
+    from vlm.models.flamingo.build import build_lm, build_tokenizer
+    from vlm.models.flamingo.text_lm import TextLMTraining, is_done, pair_text, pretrain_text_lm
+
+    pre = cfg.lm_pretrain
+    if pre.steps <= 0 or mcfg.lm_name_or_path is not None:
+        return mcfg, {}
+    lm_dir = out / "lm"
+    metrics: dict = {}
+    if not is_done(lm_dir):
+        captions = shard_captions(shards, cfg.data.caption_source, pre.max_captions, seed=cfg.train.seed)
+        texts = [pair_text(c, cfg.data.prompt) for c in captions]
+        if not texts:
+            raise InputError(f"no captions in the shards to pretrain the LM on ({len(shards)} shards)")
+        import torch
+
+        torch.manual_seed(cfg.train.seed)
+        train = TextLMTraining(pre.steps, pre.lr, pre.batch_size, pre.seq_len, pre.warmup_steps, cfg.train.seed)
+        metrics = pretrain_text_lm(build_lm(mcfg), build_tokenizer(mcfg), texts, lm_dir, train)
+        metrics["lm_pretrain_captions"] = len(texts)
+    return dataclasses.replace(mcfg, lm_name_or_path=str(lm_dir)), metrics
 
 
 class FlamingoTask:
@@ -215,6 +263,7 @@ def evaluate_export(export_dir, cfg: TrainFlamingoConfig, run=None) -> dict:
             prompt=cfg.data.prompt,
             max_new_tokens=cfg.eval.max_new_tokens,
             samples=samples,
+            ranking=cfg.eval.ranking,
         )
     )
     if run is not None:
@@ -263,6 +312,7 @@ def train_flamingo(
     init_ray(address, num_cpus=training.local_cpus(cfg.scaling))
     training.check_data_headroom(cfg.scaling)
     out.mkdir(parents=True, exist_ok=True)
+    mcfg, lm_metrics = pretrain_lm(shards, out, cfg, mcfg)
     write_config(cfg, out / "config.yaml")
     (out / "model_config.json").write_text(json.dumps(to_dict(mcfg), indent=2))
     (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
@@ -283,6 +333,8 @@ def train_flamingo(
             run.log_params({"data.num_shards": len(shards), "micro_batch_size": micro, "image_size": size})
             run.log_dict(ds_config, "deepspeed.json")
             run.log_dict(to_dict(mcfg), "model_config.json")
+        if run and lm_metrics:
+            run.log_metrics(lm_metrics)
 
         ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if cfg.data.shuffle_files else None)
         # Packing happens within a batch: whole sequences' worth of pairs per batch.

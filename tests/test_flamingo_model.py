@@ -204,6 +204,36 @@ def test_few_shot_generation_returns_text():
     assert greedy == generate(model, tok, images, prompt, max_new_tokens=4)
 
 
+def test_media_centering_uses_real_images_and_a_running_mean():
+    """Training subtracts the mean over real (not padding) images and tracks it; eval subtracts the running mean."""
+    from vlm.models.flamingo.model import MediaCentering
+
+    center = MediaCentering(num_latents=2, dim=3, momentum=0.5).train()
+    media = torch.randn(2, 3, 2, 3)  # (B, T, n, D)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    out = center(media, mask)
+    want = media[mask].mean(dim=0)  # (n, D), the padding slots left out
+    torch.testing.assert_close(out, media - want)
+    torch.testing.assert_close(out[mask].mean(dim=0), torch.zeros(2, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(center.running_mean, 0.5 * want)
+    center.eval()
+    torch.testing.assert_close(center(media), media - 0.5 * want)
+
+
+def test_precomputed_media_give_the_same_logits():
+    """forward(media=encode_images(...)) equals encoding inside forward (decoding encodes once per prompt)."""
+    torch.manual_seed(0)
+    model, tok = build_flamingo(flamingo_preset("tiny", center_media=True))
+    model.eval()
+    open_gates(model)
+    images, ids = inputs(tok)
+    with torch.no_grad():
+        model.media_center.running_mean.normal_()
+        direct = model(images, ids)["logits"]
+        cached = model(images, ids, media=model.encode_images(images))["logits"]
+    torch.testing.assert_close(direct, cached)
+
+
 def test_more_image_tokens_than_images_is_rejected():
     """A sequence with three <image> tokens but two images fails with a ValueError saying so."""
     model, tok = tiny_model()

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -218,9 +219,70 @@ def test_fewshot_eval_returns_three_accuracies():
     model, tok = build_flamingo(flamingo_preset("tiny", max_num_media=9))
     samples: list = []
     acc = fewshot_digit_accuracy(model, tok, limit=3, max_new_tokens=3, samples=samples)
-    assert set(acc) == {"fewshot_0_acc", "fewshot_4_acc", "fewshot_8_acc"}
+    assert set(acc) == {f"fewshot_{k}_{m}" for k in (0, 4, 8) for m in ("acc", "rank_acc")}
     assert all(0.0 <= v <= 1.0 for v in acc.values())
     assert len(samples) == 9 and all(isinstance(text, str) for _, _, text in samples)
+
+
+def test_class_log_likelihoods_match_one_sequence_at_a_time():
+    """The batched class scores equal each caption's summed log-probabilities from its own forward."""
+    from vlm.models.flamingo import build_flamingo, flamingo_preset
+    from vlm.models.flamingo.eval import class_log_likelihoods
+
+    torch.manual_seed(0)
+    model, tok = build_flamingo(flamingo_preset("tiny"))
+    model.eval()
+    with torch.no_grad():
+        for layer in model.flamingo_layers():
+            layer.gated_xattn.attn_gate.fill_(0.5)
+    images = torch.randn(2, 1, 3, 32, 32)
+    prompt = "<image>Output: a handwritten digit two<|endofchunk|><image>Output:"
+    captions = ["a handwritten digit seven", "the number 3 written by hand"]
+    got = class_log_likelihoods(model, tok, images, prompt, captions)
+    for caption, score in zip(captions, got):
+        context = tok(prompt).input_ids
+        ids = torch.tensor([context + tok(f" {caption}<|endofchunk|>").input_ids])
+        with torch.no_grad():
+            logp = model(images[None], ids)["logits"][0, :-1].float().log_softmax(-1)
+        want = logp[len(context) - 1 :].gather(-1, ids[0, len(context) :, None]).sum()
+        assert float(score) == pytest.approx(float(want), abs=1e-4)
+
+
+def test_text_lm_pretraining_writes_an_lm_flamingo_loads(tmp_path):
+    """Caption-text pretraining lowers the LM loss and writes a model + tokenizer dir that Flamingo builds from."""
+    import dataclasses
+
+    from vlm.data.digits import caption_for
+    from vlm.models.flamingo import build_flamingo, flamingo_preset
+    from vlm.models.flamingo.build import build_lm, build_tokenizer
+    from vlm.models.flamingo.text_lm import TextLMTraining, is_done, pair_text, pretrain_text_lm
+
+    cfg = flamingo_preset("tiny")
+    torch.manual_seed(0)
+    texts = [pair_text(caption_for(i % 10, random.Random(i)), "Output:") for i in range(64)]
+    train = TextLMTraining(steps=80, lr=1e-2, batch_size=4, seq_len=64, warmup_steps=5)
+    metrics = pretrain_text_lm(build_lm(cfg), build_tokenizer(cfg), texts, tmp_path / "lm", train)
+    assert metrics["lm_pretrain_loss_last"] < 0.5 * metrics["lm_pretrain_loss_first"], metrics
+    assert is_done(tmp_path / "lm")
+    model, tok = build_flamingo(dataclasses.replace(cfg, lm_name_or_path=str(tmp_path / "lm")))
+    assert tok.convert_tokens_to_ids("<image>") == flamingo_tokenizer(None).convert_tokens_to_ids("<image>")
+    assert not any(p.requires_grad for p in model.lm.get_input_embeddings().base.parameters())
+    assert flamingo_tokenizer(str(tmp_path / "lm")).convert_tokens_to_ids("<image>") == model.media_token_id
+
+
+def test_shard_captions_follow_caption_source(tmp_path):
+    """Captions are read from the shards' txt/json (synthetic when asked and present), up to a limit."""
+    from vlm.data import shards as sh
+    from vlm.data.flamingo_data import shard_captions
+
+    writer = sh.ShardWriter(tmp_path, 0)
+    for i in range(3):
+        meta = {"candidates": [{"text": f"synthetic {i}", "source": "synthetic", "kept": True}]} if i else {}
+        writer.write_sample(f"{i:09d}", png(10), "png", f"web caption {i}", meta)
+    writer.close()
+    tars = [str(sh.tar_path(tmp_path, 0))]
+    assert shard_captions(tars, "original") == ["web caption 0", "web caption 1", "web caption 2"]
+    assert shard_captions(tars, "synthetic", limit=2) == ["web caption 0", "synthetic 1"]
 
 
 def test_export_reloads_with_the_same_outputs(tmp_path):
@@ -246,6 +308,30 @@ def test_export_reloads_with_the_same_outputs(tmp_path):
     small = load_file(str(tmp_path / EXPORT_TRAINABLE))
     assert set(small) == set(trainable) and not any(k.startswith("vision_encoder.") for k in small)
     assert gate_values(small) == pytest.approx({"attn_l0": 0.4621, "ff_l0": 0.0, "attn_l1": 0.4621, "ff_l1": 0.0}, 1e-3)
+
+
+def test_export_of_an_lm_from_a_directory_needs_no_directory(tmp_path):
+    """With the LM given by path (no lm_config), the export still reloads after that directory is gone."""
+    import dataclasses
+    import shutil
+
+    from vlm.models.flamingo import build_flamingo, flamingo_preset
+    from vlm.models.flamingo.build import build_lm, build_tokenizer, export_flamingo, load_flamingo_export
+
+    torch.manual_seed(0)
+    tiny = flamingo_preset("tiny")
+    lm_dir = tmp_path / "lm"
+    build_lm(tiny).save_pretrained(str(lm_dir))
+    build_tokenizer(tiny).save_pretrained(str(lm_dir))
+    cfg = dataclasses.replace(tiny, lm_name_or_path=str(lm_dir), lm_config=None)
+    model, tok = build_flamingo(cfg)
+    export_flamingo(model.state_dict(), cfg, tok, tmp_path / "export")
+    shutil.rmtree(lm_dir)
+    loaded, tok2 = load_flamingo_export(tmp_path / "export")
+    ids = tok2("<image>Output: seven<|endofchunk|>", return_tensors="pt").input_ids
+    images = torch.randn(1, 1, 1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, ids)["logits"], model.eval()(images, ids)["logits"])
 
 
 # ------------------------------------------------------------------ bad input (before Ray starts)
@@ -303,8 +389,10 @@ def _registered_step(out: Path) -> int:
 
 
 def test_zero3_trains_logs_gates_and_evaluates(tmp_path, digit_shards, ray_local, mlflow_store):
-    """ZeRO-3 on 2 workers: loss goes down, gates are logged over time, the export is evaluated 0/4/8-shot."""
-    result = train_flamingo(str(digit_shards), tmp_path / "run", cfg_for("train.max_steps=16"))
+    """ZeRO-3 on 2 workers, on an LM pretrained first on the shards' captions and with media centering:
+    loss goes down, gates are logged over time, the export is evaluated 0/4/8-shot by decoding and ranking."""
+    overrides = ["lm_pretrain.steps=8", "lm_pretrain.seq_len=64", "model.center_media=true"]
+    result = train_flamingo(str(digit_shards), tmp_path / "run", cfg_for("train.max_steps=16", *overrides))
     losses = _metric_history(mlflow_store, result["mlflow_run_id"], "loss")
     assert len(losses) == 8 and losses[-1][1] < losses[0][1] - 0.5, losses
     gates = _metric_history(mlflow_store, result["mlflow_run_id"], "gate_attn_l1")
@@ -312,7 +400,11 @@ def test_zero3_trains_logs_gates_and_evaluates(tmp_path, digit_shards, ray_local
     assert result["steps"] == 16
     evals = result["eval"]
     for k in (0, 4, 8):
-        assert 0.0 <= evals[f"fewshot_{k}_acc"] <= 1.0
+        assert 0.0 <= evals[f"fewshot_{k}_acc"] <= 1.0 and 0.0 <= evals[f"fewshot_{k}_rank_acc"] <= 1.0
+    lm_dir = tmp_path / "run" / "lm"
+    assert (lm_dir / "_SUCCESS").is_file()
+    assert json.loads((tmp_path / "run" / "model_config.json").read_text())["lm_name_or_path"] == str(lm_dir)
+    assert _metric_history(mlflow_store, result["mlflow_run_id"], "lm_pretrain_loss_last")
     # The logged gates average the last window before its optimizer steps; the export has the final values.
     assert evals["gate_attn_l1"] != 0.0 and evals["gate_attn_l1"] == pytest.approx(gates[-1][1], abs=0.01)
     export = Path(result["export"])

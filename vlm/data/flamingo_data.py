@@ -227,6 +227,32 @@ def _to_text(value) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def shard_captions(shards: list[str], caption_source: str, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Training captions of WebDataset shards, chosen as `FlamingoPreprocess` chooses them, in shard order.
+
+    Reads only the `.txt` and `.json` members (no image bytes); stops after `limit` samples.
+    """
+    import tarfile
+
+    rng = random.Random(seed)
+    out: list[str] = []
+    for path in shards:
+        texts: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if member.isfile() and ext in ("txt", "json"):
+                    texts.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key in sorted(texts):
+            meta = json.loads(_to_text(texts[key]["json"])) if "json" in texts[key] else None
+            caption = pick_caption(_to_text(texts[key].get("txt")), meta, caption_source, rng)
+            if caption:
+                out.append(caption)
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
 class FlamingoPreprocess:
     """Ray Data `map_batches` transform: WebDataset pair rows -> packed sequence arrays (fewer rows out).
 

@@ -172,7 +172,8 @@ def export_flamingo(
 ) -> None:
     """Write a self-contained export: weights (fp32 safetensors), config JSON and the tokenizer.
 
-    The config is written with `vision_checkpoint` cleared: the vision weights are in the export.
+    The config is written with `vision_checkpoint` cleared (the vision weights are in the export) and
+    with the LM's transformers config in `lm_config`.
     """
     import dataclasses
     import json
@@ -186,7 +187,9 @@ def export_flamingo(
     save_file(tensors, str(out / EXPORT_WEIGHTS), metadata={"format": "vlm-flamingo"})
     if trainable is not None:
         save_file({k: tensors[k] for k in trainable if k in tensors}, str(out / EXPORT_TRAINABLE))
-    model_cfg = dataclasses.asdict(dataclasses.replace(cfg, vision_checkpoint=None))
+    # The LM's architecture goes in too, so loading needs neither the LM's directory nor the hub.
+    lm_arch = cfg.lm_config if cfg.lm_config is not None else lm_config(cfg).to_dict()
+    model_cfg = dataclasses.asdict(dataclasses.replace(cfg, vision_checkpoint=None, lm_config=lm_arch))
     meta = {"format": "vlm-flamingo", "model": model_cfg, "trainable": sorted(trainable or [])}
     (out / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
     tokenizer.save_pretrained(str(out))

@@ -29,6 +29,9 @@ class FlamingoConfig:
     resampler_dim_head: int = 64
     resampler_ff_mult: int = 4
     num_latents: int = 64  # visual tokens per image handed to the LM
+    # Subtract a running mean (over images) from the visual tokens, BatchNorm's centering without scaling
+    # (model.MediaCentering). Not in the paper; it lets a tiny LM learn from templated captions (see there).
+    center_media: bool = False
     max_num_media: int = 32  # most images in one sequence (inputs beyond it are rejected)
     max_num_frames: int = 1  # rows of the learned frame (time) embedding; 1 for still images
 

@@ -9,6 +9,13 @@ Queries are balanced over the ten digits (the held-out split's first images are 
 model that always answers "nine" would look good on them); chance is 0.1. Examples come from a pool of
 other held-out digits, disjoint from the queries; for one query, the k=4 examples are the first four of its
 k=8 examples, so the shot counts differ only in context.
+
+Next to generation, the same prompts are scored as classification the way Flamingo scores closed-set
+tasks (Sec. 3, "we score each class by its log-likelihood"): every class caption, the CLIP eval's digit
+templates filled with the digit's name (`CLASS_TEMPLATES`), is scored by the log-likelihood of its tokens
+and `<|endofchunk|>` after the prompt; a digit's score is the log-sum-exp over its templates, and the
+prediction is the best-scoring digit (`fewshot_{k}_rank_acc`). It does not depend on which caption style
+greedy decoding happens to pick first. Neither score reads the query's caption.
 """
 
 from __future__ import annotations
@@ -23,6 +30,15 @@ from vlm.data.flamingo_data import pil_pixels
 from vlm.models.flamingo.build import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from vlm.models.flamingo.generate import generate
 
+# The CLIP zero-shot templates (vlm.models.clip.zeroshot.DIGIT_TEMPLATES), without their final period,
+# which training captions do not have.
+CLASS_TEMPLATES = (
+    "a handwritten digit {}",
+    "a photo of the digit {}",
+    "the number {} written by hand",
+    "a picture of a hand-drawn {}",
+    "handwritten {} on paper",
+)
 _DIGIT_RE = re.compile(r"\b(" + "|".join(DIGIT_NAMES) + r"|[0-9])\b", re.IGNORECASE)
 POOL_SIZE = 64  # held-out digits kept aside as in-context examples
 
@@ -49,6 +65,37 @@ def balanced_queries(labels, n: int) -> list[int]:
 
 
 @torch.no_grad()
+def class_log_likelihoods(model, tokenizer, images: torch.Tensor, prompt_text: str, captions: list[str]):
+    """(len(captions),) summed log-probabilities of each `" " + caption + <|endofchunk|>` after `prompt_text`.
+
+    One batched forward; `images` (T, F, C, H, W) are encoded once and shared by every row.
+    """
+    device = next(model.parameters()).device
+    eoc = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
+    context = tokenizer(prompt_text).input_ids
+    tails = [tokenizer(f" {c}", add_special_tokens=False).input_ids + [eoc] for c in captions]
+    n, length = len(tails), len(context) + max(map(len, tails))
+    ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    targets = torch.full((n, length), -100, dtype=torch.long)
+    for row, tail in enumerate(tails):
+        end = len(context) + len(tail)
+        ids[row, :end] = torch.tensor(context + tail)
+        mask[row, :end] = 1
+        targets[row, len(context) : end] = torch.tensor(tail)
+    ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+    images = images[None].to(device)  # (1, T, F, C, H, W)
+    media = model.encode_images(images)  # (1, T, n, Dv)
+    rows_images = images.expand(n, *images.shape[1:])  # (N, T, F, C, H, W), no copy
+    rows_media = media.expand(n, *media.shape[1:])  # (N, T, n, Dv), no copy
+    logits = model(rows_images, ids, mask, media=rows_media)["logits"].float()  # (N, L, V)
+    logp = logits[:, :-1].log_softmax(-1)  # position i predicts token i + 1
+    tgt = targets[:, 1:]  # (N, L-1)
+    picked = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]  # (N, L-1)
+    return (picked * (tgt != -100)).sum(dim=1).cpu()
+
+
+@torch.no_grad()
 def fewshot_digit_accuracy(
     model,
     tokenizer,
@@ -60,8 +107,10 @@ def fewshot_digit_accuracy(
     max_new_tokens: int = 16,
     seed: int = 0,
     samples: list | None = None,
+    ranking: bool = True,
 ) -> dict[str, float]:
-    """{"fewshot_{k}_acc": accuracy} for each k in `shots`, over `limit` held-out digits.
+    """{"fewshot_{k}_acc": accuracy} for each k in `shots`, over `limit` held-out digits; with `ranking`,
+    also {"fewshot_{k}_rank_acc": accuracy} of log-likelihood ranking of the class captions.
 
     Args:
         stored_size: size the held-out digits are stored at before the model's resize (as ingest stores them).
@@ -83,6 +132,8 @@ def fewshot_digit_accuracy(
     was_training = model.training
     model.eval()
     correct = {k: 0 for k in shots}
+    ranked = {k: 0 for k in shots}
+    class_captions = [t.format(name) for name in DIGIT_NAMES for t in CLASS_TEMPLATES]  # digit-major
     rng = random.Random(seed)
     for q in queries:
         order = rng.sample(pool, max(shots))
@@ -93,8 +144,15 @@ def fewshot_digit_accuracy(
             out = generate(model, tokenizer, images, text, max_new_tokens=max_new_tokens)
             label = int(data.labels[q])
             correct[k] += named_digit(out) == label
+            if ranking:
+                scores = class_log_likelihoods(model, tokenizer, images, text, class_captions)
+                per_digit = scores.view(len(DIGIT_NAMES), len(CLASS_TEMPLATES)).logsumexp(dim=1)  # (10,)
+                ranked[k] += int(per_digit.argmax()) == label
             if samples is not None:
                 samples.append((k, label, out))
     model.train(was_training)
     n = max(len(queries), 1)
-    return {f"fewshot_{k}_acc": correct[k] / n for k in shots}
+    metrics = {f"fewshot_{k}_acc": correct[k] / n for k in shots}
+    if ranking:
+        metrics.update({f"fewshot_{k}_rank_acc": ranked[k] / n for k in shots})
+    return metrics

@@ -2,9 +2,9 @@
 
 Prompts interleave images and text as in the paper's few-shot evaluation (Sec. 3):
 "<image>Output: caption<|endofchunk|>" per in-context example, then "<image>Output:" for the query.
-Decoding recomputes the whole sequence each step (no KV cache): Flamingo's cross-attention mask
-depends on the full sequence of <image> positions, and for the tiny and evaluation-sized prompts
-this is cheap enough. Decoding stops at <|endofchunk|> or eos.
+Decoding recomputes the text each step (no KV cache): Flamingo's cross-attention mask depends on
+the full sequence of <image> positions, and for the tiny and evaluation-sized prompts this is cheap
+enough. The images are encoded once per prompt. Decoding stops at <|endofchunk|> or eos.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def generate(
     prompt_len = ids.shape[1]
     eoc_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
     stop = {eoc_id, tokenizer.eos_token_id}
+    media = model.encode_images(images)  # (1, T, n, Dv); every image of the prompt is real
     for _ in range(max_new_tokens):
-        logits = model(images, ids)["logits"][:, -1].float()  # (1, V)
+        logits = model(images, ids, media=media)["logits"][:, -1].float()  # (1, V)
         logits[:, model.media_token_id] = -torch.inf  # an <image> here would have no image behind it
         if temperature <= 0:
             next_id = logits.argmax(dim=-1, keepdim=True)  # (1, 1)

@@ -1,5 +1,6 @@
-"""Flamingo's modules, bottom-up: Perceiver Resampler, masked gated cross-attention, the LM layer
-wrapper, the split embedding for added tokens, and the top-level model.
+"""Flamingo's modules, bottom-up: Perceiver Resampler, media centering (optional, not in the paper),
+masked gated cross-attention, the LM layer wrapper, the split embedding for added tokens, and the
+top-level model.
 
 Follows Alayrac et al. 2022, "Flamingo: a Visual Language Model for Few-Shot Learning" (Sec. 2.1-2.3,
 Fig. 4-5) and the layer layout of OpenFlamingo (Awadalla et al. 2023). Only `nn.Module`s live here;
@@ -88,6 +89,34 @@ class PerceiverResampler(nn.Module):
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
         return self.norm(latents)
+
+
+class MediaCentering(nn.Module):
+    """Subtracts the mean visual token over images: the batch mean in training (real images only), a running
+    mean of it in eval. BatchNorm's centering, without its scaling; one mean per latent.
+
+    Why: the visual tokens of every image share a large common part (in the tiny digits setup ~85% of their
+    second moment). Through it, cross-attention can act as an image-independent bias on the text, and the
+    gradients of the many caption tokens that do not depend on the image (templates, "a photo of the") pull
+    it that way, swamping the one token per caption that does (the digit). Without the common part, only
+    image-dependent signal reaches the LM, and only image-dependent text pulls on it.
+    """
+
+    def __init__(self, num_latents: int, dim: int, momentum: float = 0.05):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(num_latents, dim))  # (n, D)
+
+    def forward(self, media: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # media: (B, T, n, D), image_mask: (B, T) True for real (not padding) images -> (B, T, n, D)
+        if not self.training:
+            return media - self.running_mean.to(media.dtype)
+        weight = torch.ones(media.shape[:2], device=media.device) if image_mask is None else image_mask.float()
+        weight = weight[..., None, None].to(media.dtype)  # (B, T, 1, 1)
+        mean = (media * weight).sum(dim=(0, 1)) / weight.sum().clamp(min=1)  # (n, D)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+        return media - mean
 
 
 class MaskedCrossAttention(nn.Module):
@@ -278,6 +307,7 @@ class Flamingo(nn.Module):
         if config.vision_width is not None and config.vision_width != dim_visual:
             raise ValueError(f"vision_width is {config.vision_width} in the config but the tower's is {dim_visual}")
         self.resampler = PerceiverResampler(config, dim_visual)
+        self.media_center = MediaCentering(config.num_latents, dim_visual) if config.center_media else None
 
         old_in = lm.get_input_embeddings()
         old_out = lm.get_output_embeddings()
@@ -332,14 +362,19 @@ class Flamingo(nn.Module):
         for layer in self.flamingo_layers():
             layer.gradient_checkpointing = enable
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, T, F, C, H, W) pixels -> (B, T, n, Dv) visual tokens."""
+    def encode_images(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, F, C, H, W) pixels -> (B, T, n, Dv) visual tokens.
+
+        image_mask (B, T) marks real images (not zero padding); only media centering uses it.
+        """
         b, t, f = images.shape[:3]
         pixels = rearrange(images, "b t f c h w -> (b t f) c h w")
+        pixels = pixels.to(next(self.vision_encoder.parameters()).dtype)
         with torch.no_grad():  # the vision tower is never trained in Flamingo
             tokens = patch_tokens(self.vision_encoder, pixels)  # (B*T*F, V, Dv)
         tokens = rearrange(tokens, "(b t f) v d -> b t f v d", b=b, t=t, f=f)
-        return self.resampler(tokens)
+        media = self.resampler(tokens)  # (B, T, n, Dv)
+        return media if self.media_center is None else self.media_center(media, image_mask)
 
     def check_inputs(self, images: torch.Tensor, input_ids: torch.Tensor) -> None:
         """ValueError if shapes disagree or a sequence has more <image> tokens than images."""
@@ -362,14 +397,21 @@ class Flamingo(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        media: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """images (B, T, F, C, H, W), input_ids (B, L) -> {"loss": next-token CE or None, "logits": (B, L, V)}.
 
-        labels are input_ids with -100 where no loss is wanted; they are shifted here.
+        labels are input_ids with -100 where no loss is wanted; they are shifted here. `media` (B, T, n, Dv),
+        from `encode_images(images)`, skips encoding the images again (decoding calls the model per token).
         """
         self.check_inputs(images, input_ids)
-        media = self.encode_images(images.to(next(self.vision_encoder.parameters()).dtype))  # (B, T, n, Dv)
         media_locations = input_ids == self.media_token_id  # (B, L)
+        if media is None:
+            # A row's first k images are real, k = its <image> count; the rest are zero padding.
+            num_real = media_locations.sum(dim=1)  # (B,)
+            image_mask = torch.arange(images.shape[1], device=images.device)[None, :] < num_real[:, None]  # (B, T)
+            media = self.encode_images(images, image_mask)  # (B, T, n, Dv)
         layers = self.flamingo_layers()
         for layer in layers:
             layer.condition(media, media_locations)
