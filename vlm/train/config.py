@@ -109,6 +109,8 @@ def deepspeed_config(
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    # DeepSpeed rejects warmup_num_steps=0; no warmup = a 1-step "warmup" already at the full rate.
+    warmup = min(optim.warmup_steps, max(loop.max_steps - 1, 0))
     config = {
         "train_batch_size": loop.global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(loop, num_workers),
@@ -129,8 +131,8 @@ def deepspeed_config(
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": loop.max_steps,
-                "warmup_num_steps": min(optim.warmup_steps, max(loop.max_steps - 1, 0)),
-                "warmup_min_ratio": 0.0,
+                "warmup_num_steps": max(warmup, 1),
+                "warmup_min_ratio": 0.0 if warmup > 0 else 1.0,
                 "cos_min_ratio": optim.min_lr_ratio,
                 "warmup_type": "linear",
             },
