@@ -10,6 +10,9 @@ intra-op thread count, trained for the same number of steps on the same digit sh
             It runs twice, before and after the vlm run; the mean is the reference.
 * plain+DataLoader - the same loop fed by a `torch.utils.data.DataLoader` (1 worker process)
             that reads the tars and decodes with `ClipPreprocess` while training runs.
+* plain+Ray Data - the same loop fed in-process by Ray Data exactly as vlm's worker is fed
+            (`read_webdataset` -> `ClipPreprocess` map_batches -> `iter_torch_batches` with
+            vlm's local shuffle buffer), no Ray Train, no DeepSpeed: what the iterator costs.
 * deepspeed ZeRO-0 / ZeRO-2 - the same in-memory batches through a DeepSpeed engine built
             from vlm's own `deepspeed_config` (world size 1, gloo), in a subprocess, no Ray:
             isolates what the DeepSpeed engine costs (ZeRO-2 is vlm's default stage).
@@ -289,6 +292,27 @@ class TarBatches(torch.utils.data.IterableDataset):
             yield torch.from_numpy(out["image"]), torch.from_numpy(out["text"])
 
 
+def ray_data_batches(data_dir: Path, args):
+    """(images, text) batches from the path vlm's worker reads through, in this process; Ray is
+    started here and shut down when the batches run out or the consumer stops."""
+    import ray
+
+    from vlm.data.clip_data import ClipDataConfig, ClipPreprocess
+    from vlm.train.loop import local_shuffle_buffer
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tars = sorted(str(t) for t in Path(data_dir).glob("*.tar"))
+        ds = ray.data.read_webdataset(tars, decoder=None, shuffle="files")
+        ds = ds.map_batches(ClipPreprocess(PRESET, IMAGE_SIZE, ClipDataConfig()), batch_size=64, batch_format="numpy")
+        for b in ds.iter_torch_batches(
+            batch_size=args.batch, drop_last=True, local_shuffle_buffer_size=local_shuffle_buffer(args.batch)
+        ):
+            yield b["image"], b["text"]
+    finally:
+        ray.shutdown()
+
+
 # ----------------------------------------------------------------------------- timed loops
 
 
@@ -564,6 +588,11 @@ def throughput(args, tmp: Path) -> dict:
             timer = run_plain(loader, args.steps, args.threads, args.seed)
             del loader
         record("plain+DataLoader", timer, ph)
+        with Phase("plain+Ray Data", quiet) as ph:
+            batches = ray_data_batches(tmp / "shards", args)
+            timer = run_plain(batches, args.steps, args.threads, args.seed)
+            batches.close()  # shuts Ray down before the next variant
+        record("plain+Ray Data", timer, ph)
         for stage in (0, 2):
             name = f"deepspeed ZeRO-{stage} (no Ray)"
             with Phase(name, quiet) as ph:

@@ -136,7 +136,7 @@ def train_worker(task_factory, spec: LoopSpec) -> None:
             batches = shard.iter_torch_batches(
                 batch_size=spec.micro_batch,
                 drop_last=True,
-                local_shuffle_buffer_size=spec.micro_batch * 4,
+                local_shuffle_buffer_size=local_shuffle_buffer(spec.micro_batch),
                 local_shuffle_seed=spec.seed + state["epoch"],
             )
             iterator = iter(batches)
@@ -188,6 +188,11 @@ def train_worker(task_factory, spec: LoopSpec) -> None:
     finally:
         if logger:
             logger.close()
+
+
+def local_shuffle_buffer(micro_batch: int) -> int:
+    """Rows a worker shuffles among on top of Ray Data's file shuffle."""
+    return micro_batch * 4
 
 
 def tune_engine(engine, world: int) -> list[str]:
