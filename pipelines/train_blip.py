@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from pipelines import training
-from vlm.config import to_dict, write_config
+from vlm.config import write_config
 from vlm.models.blip.config import BlipConfig
 from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig, deepspeed_config
 
@@ -160,7 +160,7 @@ class BlipPreprocess:
         self.cfg = data
 
     def __call__(self, batch: dict) -> dict:
-        from vlm.data.clip_data import IMAGE_EXTS, load_rgb, pick_caption
+        from vlm.data.clip_data import load_rgb, pick_caption, row_fields
         from vlm.models.blip.losses import collate_blip
 
         processor = _processor(self.task, self.blip)
@@ -168,11 +168,9 @@ class BlipPreprocess:
         rng = random.Random()
         samples, groups = [], []
         for i in range(len(batch["__key__"])):
-            data = next((batch[e][i] for e in IMAGE_EXTS if e in batch and batch[e][i] is not None), None)
+            data, txt, meta = row_fields(batch, i)
             if data is None:
                 continue
-            meta = json.loads(_to_text(batch["json"][i])) if "json" in batch and batch["json"][i] is not None else None
-            txt = _to_text(batch["txt"][i]) if "txt" in batch else None
             image = load_rgb(data, size, self.cfg.augment, rng, self.cfg.crop_scale_min)
             samples.append({"image": image, "text": pick_caption(txt, meta, self.cfg.caption_source, rng)})
             groups.append(group_id((meta or {}).get(self.cfg.group_key)) if self.cfg.group_key else -1)
@@ -213,12 +211,6 @@ def _empty(task: Task, size: int, length: int) -> dict:
     else:
         arrays["group"] = np.zeros((0,), np.int64)
     return arrays
-
-
-def _to_text(value) -> str | None:
-    if value is None:
-        return None
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 # ---------------------------------------------------------------- task
@@ -477,7 +469,6 @@ def train_blip(
     from vlm import tracking
     from vlm.runtime import init_ray
     from vlm.train.config import micro_batch_size
-    from vlm.train.loop import LoopSpec
 
     shards = training.find_shards(data)
     check_start(cfg)
@@ -506,10 +497,7 @@ def train_blip(
         run_id = run.run_id if run else None
         training.write_state(out, run_name, run_id, shards)
         if run and not previous:
-            run.log_config(cfg)
-            run.log_params({f"ds.{k}": v for k, v in training.flat_ds(ds_config).items()})
-            run.log_params({"data.num_shards": len(shards), "micro_batch_size": micro})
-            run.log_dict(ds_config, "deepspeed.json")
+            training.log_setup(run, cfg, ds_config, {"data.num_shards": len(shards), "micro_batch_size": micro})
 
         ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if cfg.data.shuffle_files else None)
         ds = ds.map_batches(
@@ -521,17 +509,5 @@ def train_blip(
         if cfg.data.repeat > 1:
             ds = ds.union(*[ds] * (cfg.data.repeat - 1))
 
-        spec = LoopSpec(
-            deepspeed=ds_config,
-            max_steps=cfg.train.max_steps,
-            micro_batch=micro,
-            log_every=cfg.train.log_every,
-            checkpoint_every=cfg.train.checkpoint_every,
-            seed=cfg.train.seed,
-            torch_threads=cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)),
-            output_dir=str(out),
-            mlflow_uri=tracking.tracking_uri(),
-            mlflow_run_id=run_id,
-            config=to_dict(cfg),
-        )
+        spec = training.loop_spec(cfg, ds_config, micro, out, run_id)
         return training.fit(_blip_worker, {"cfg": cfg, "spec": spec}, cfg, out, run_name, ds, run)

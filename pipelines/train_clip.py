@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import training
-from vlm.config import to_dict, write_config
+from vlm.config import write_config
 from vlm.data.clip_data import ClipDataConfig
 from vlm.models.clip.build import CLIPModelConfig
 from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig, deepspeed_config
@@ -133,7 +133,6 @@ def train_clip(
     from vlm.models.clip.build import model_config
     from vlm.runtime import init_ray
     from vlm.train.config import micro_batch_size
-    from vlm.train.loop import LoopSpec
 
     shards = training.find_shards(data)
     mcfg = model_config(cfg.model.preset)
@@ -161,27 +160,12 @@ def train_clip(
         run_id = run.run_id if run else None
         training.write_state(out, run_name, run_id, shards)
         if run and not previous:
-            run.log_config(cfg)
-            run.log_params({f"ds.{k}": v for k, v in training.flat_ds(ds_config).items()})
-            run.log_params({"data.num_shards": len(shards), "micro_batch_size": micro})
-            run.log_dict(ds_config, "deepspeed.json")
+            training.log_setup(run, cfg, ds_config, {"data.num_shards": len(shards), "micro_batch_size": micro})
 
         size = mcfg["vision_cfg"]["image_size"]
         size = size[0] if isinstance(size, (list, tuple)) else size
         ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if cfg.data.shuffle_files else None)
         ds = ds.map_batches(ClipPreprocess(cfg.model.preset, size, cfg.data), batch_size=64, batch_format="numpy")
 
-        spec = LoopSpec(
-            deepspeed=ds_config,
-            max_steps=cfg.train.max_steps,
-            micro_batch=micro,
-            log_every=cfg.train.log_every,
-            checkpoint_every=cfg.train.checkpoint_every,
-            seed=cfg.train.seed,
-            torch_threads=cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)),
-            output_dir=str(out),
-            mlflow_uri=tracking.tracking_uri(),
-            mlflow_run_id=run_id,
-            config=to_dict(cfg),
-        )
+        spec = training.loop_spec(cfg, ds_config, micro, out, run_id)
         return training.fit(_clip_worker, {"cfg": cfg, "spec": spec}, cfg, out, run_name, ds, run)

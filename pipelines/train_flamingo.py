@@ -296,7 +296,6 @@ def train_flamingo(
     from vlm.data.flamingo_data import FlamingoPreprocess
     from vlm.runtime import init_ray
     from vlm.train.config import micro_batch_size
-    from vlm.train.loop import LoopSpec
 
     shards = training.find_shards(data)
     mcfg = model_config(cfg)
@@ -328,10 +327,9 @@ def train_flamingo(
         run_id = run.run_id if run else None
         training.write_state(out, run_name, run_id, shards)
         if run and not previous:
-            run.log_config(cfg)
-            run.log_params({f"ds.{k}": v for k, v in training.flat_ds(ds_config).items()})
-            run.log_params({"data.num_shards": len(shards), "micro_batch_size": micro, "image_size": size})
-            run.log_dict(ds_config, "deepspeed.json")
+            training.log_setup(
+                run, cfg, ds_config, {"data.num_shards": len(shards), "micro_batch_size": micro, "image_size": size}
+            )
             run.log_dict(to_dict(mcfg), "model_config.json")
         if run and lm_metrics:
             run.log_metrics(lm_metrics)
@@ -344,19 +342,7 @@ def train_flamingo(
             batch_format="numpy",
         )
 
-        spec = LoopSpec(
-            deepspeed=ds_config,
-            max_steps=cfg.train.max_steps,
-            micro_batch=micro,
-            log_every=cfg.train.log_every,
-            checkpoint_every=cfg.train.checkpoint_every,
-            seed=cfg.train.seed,
-            torch_threads=cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)),
-            output_dir=str(out),
-            mlflow_uri=tracking.tracking_uri(),
-            mlflow_run_id=run_id,
-            config=to_dict(cfg),
-        )
+        spec = training.loop_spec(cfg, ds_config, micro, out, run_id)
         return training.fit(
             _flamingo_worker, {"cfg": cfg, "model_cfg": mcfg, "spec": spec}, cfg, out, run_name, ds, run
         )

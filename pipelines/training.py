@@ -80,6 +80,35 @@ def flat_ds(ds: dict, prefix: str = "") -> dict:
     return flat
 
 
+def log_setup(run, cfg, ds_config: dict, params: dict) -> None:
+    """A new MLflow run's setup: the resolved config, DeepSpeed's config (as params and as a file), `params`."""
+    run.log_config(cfg)
+    run.log_params({f"ds.{k}": v for k, v in flat_ds(ds_config).items()})
+    run.log_params(params)
+    run.log_dict(ds_config, "deepspeed.json")
+
+
+def loop_spec(cfg, ds_config: dict, micro: int, out: Path, run_id: str | None):
+    """The workers' `LoopSpec` from a trainer config's common sections (train, scaling)."""
+    from vlm import tracking
+    from vlm.config import to_dict
+    from vlm.train.loop import LoopSpec
+
+    return LoopSpec(
+        deepspeed=ds_config,
+        max_steps=cfg.train.max_steps,
+        micro_batch=micro,
+        log_every=cfg.train.log_every,
+        checkpoint_every=cfg.train.checkpoint_every,
+        seed=cfg.train.seed,
+        torch_threads=cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)),
+        output_dir=str(out),
+        mlflow_uri=tracking.tracking_uri(),
+        mlflow_run_id=run_id,
+        config=to_dict(cfg),
+    )
+
+
 def fit(worker_fn, loop_config: dict, cfg, out: Path, run_name: str, dataset, run) -> dict:
     """Build the TorchTrainer from `cfg.scaling`/`cfg.train`, fit it, collect eval and export.
 

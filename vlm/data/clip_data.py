@@ -52,12 +52,20 @@ def pick_caption(txt: str | None, meta: dict | None, source: str, rng: random.Ra
     return (meta or {}).get("caption") or ""
 
 
-def _to_text(value) -> str | None:
+def to_text(value) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+def row_fields(batch: dict, i: int) -> tuple[bytes | None, str | None, dict | None]:
+    """(image bytes, txt, parsed json) of row `i` of a raw WebDataset batch; None where absent."""
+    image = next((batch[e][i] for e in IMAGE_EXTS if e in batch and batch[e][i] is not None), None)
+    meta = json.loads(to_text(batch["json"][i])) if "json" in batch and batch["json"][i] is not None else None
+    txt = to_text(batch["txt"][i]) if "txt" in batch else None
+    return image, txt, meta
 
 
 def load_rgb(data: bytes, size: int, augment: bool, rng: random.Random, scale_min: float = 0.8):
@@ -113,9 +121,7 @@ class ClipPreprocess:
         rng = random.Random()
         images, captions = [], []
         for i in range(len(batch["__key__"])):
-            data = next((batch[e][i] for e in IMAGE_EXTS if e in batch and batch[e][i] is not None), None)
-            meta = json.loads(_to_text(batch["json"][i])) if "json" in batch and batch["json"][i] is not None else None
-            txt = _to_text(batch["txt"][i]) if "txt" in batch else None
+            data, txt, meta = row_fields(batch, i)
             images.append(load_rgb(data, self.size, self.cfg.augment, rng, self.cfg.crop_scale_min))
             captions.append(pick_caption(txt, meta, self.cfg.caption_source, rng))
         tokens = _tokenizer(self.preset)(captions)

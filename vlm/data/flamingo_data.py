@@ -38,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 
-from vlm.data.clip_data import IMAGE_EXTS, load_rgb, pick_caption, to_chw
+from vlm.data.clip_data import load_rgb, pick_caption, row_fields, to_chw, to_text
 from vlm.models.flamingo.build import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 
 IGNORE = -100  # label of positions without loss (torch's cross_entropy ignore_index)
@@ -221,12 +221,6 @@ def pil_pixels(images: list, image_size: int) -> np.ndarray:
     return to_chw(out)
 
 
-def _to_text(value) -> str | None:
-    if value is None:
-        return None
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def shard_captions(shards: list[str], caption_source: str, limit: int | None = None, seed: int = 0) -> list[str]:
     """Training captions of WebDataset shards, chosen as `FlamingoPreprocess` chooses them, in shard order.
 
@@ -244,8 +238,8 @@ def shard_captions(shards: list[str], caption_source: str, limit: int | None = N
                 if member.isfile() and ext in ("txt", "json"):
                     texts.setdefault(key, {})[ext] = tar.extractfile(member).read()
         for key in sorted(texts):
-            meta = json.loads(_to_text(texts[key]["json"])) if "json" in texts[key] else None
-            caption = pick_caption(_to_text(texts[key].get("txt")), meta, caption_source, rng)
+            meta = json.loads(to_text(texts[key]["json"])) if "json" in texts[key] else None
+            caption = pick_caption(to_text(texts[key].get("txt")), meta, caption_source, rng)
             if caption:
                 out.append(caption)
             if limit is not None and len(out) >= limit:
@@ -270,11 +264,9 @@ class FlamingoPreprocess:
         tokenizer = flamingo_tokenizer(self.lm_name_or_path)
         images, captions = [], []
         for i in range(len(batch["__key__"])):
-            data = next((batch[e][i] for e in IMAGE_EXTS if e in batch and batch[e][i] is not None), None)
+            data, txt, meta = row_fields(batch, i)
             if data is None:
                 continue
-            meta = json.loads(_to_text(batch["json"][i])) if "json" in batch and batch["json"][i] is not None else None
-            txt = _to_text(batch["txt"][i]) if "txt" in batch else None
             images.append(load_rgb(data, self.size, self.cfg.augment, rng, self.cfg.crop_scale_min))
             captions.append(pick_caption(txt, meta, self.cfg.caption_source, rng))
         pixels = list(to_chw(images)) if images else []
