@@ -7,17 +7,26 @@ intra-op thread count, trained for the same number of steps on the same digit sh
 * plain   - one process, no Ray, no DeepSpeed: `model(...)`, `clip_loss`, `backward`,
             `clip_grad_norm_`, `AdamW.step`. Data are decoded with vlm's own `ClipPreprocess`
             from the tars into memory *before* timing, so this is the compute-only upper bound.
-            It runs twice, before and after the vlm run; the mean is the reference.
+            It runs before the first vlm run and after each; the mean is the reference.
+* plain+malloc - the same, with glibc malloc set as vlm's training workers set it
+            (`scaling.malloc_keep_mb`, vlm/train/malloc.py: freed memory is kept instead of being
+            returned to the OS every step, which saves ~6k page faults a step here). Against it,
+            vlm's ratio is what Ray, Ray Data and DeepSpeed cost beyond the allocator.
 * plain+DataLoader - the same loop fed by a `torch.utils.data.DataLoader` (1 worker process)
             that reads the tars and decodes with `ClipPreprocess` while training runs.
 * plain+Ray Data - the same loop fed in-process by Ray Data exactly as vlm's worker is fed
             (`read_webdataset` -> `ClipPreprocess` map_batches -> `iter_torch_batches` with
             vlm's local shuffle buffer), no Ray Train, no DeepSpeed: what the iterator costs.
 * deepspeed ZeRO-0 / ZeRO-2 - the same in-memory batches through a DeepSpeed engine built
-            from vlm's own `deepspeed_config` (world size 1, gloo), in a subprocess, no Ray:
-            isolates what the DeepSpeed engine costs (ZeRO-2 is vlm's default stage).
+            from vlm's own `deepspeed_config` (world size 1, gloo) and tuned as vlm's loop tunes it
+            (fused clip, malloc setting), no Ray: isolates what the DeepSpeed engine costs
+            (compare with plain+malloc; ZeRO-2 is vlm's default stage).
 * vlm     - `pipelines.train_clip.train_clip` with 1 Ray Train worker (Ray Data decoding,
             DeepSpeed ZeRO-0), the path behind `vlm train clip`.
+
+Every variant except vlm runs in a fresh process (multiprocessing spawn): glibc's malloc adapts its
+thresholds to what a process has freed before, so a loop run after other work in the same process
+can fault in thousands more pages a step than the same loop in a fresh one.
 
 Every variant measures the same thing: samples/s between the end of step W and the end of step
 S (wall clock, including waiting for data, the forward/backward, clipping, optimizer step and
@@ -79,6 +88,7 @@ IMAGE_SIZE = 32
 UNIQUE_SAMPLES = 2048  # distinct digit samples rendered; shards are repeated to reach the step count
 SAMPLES_PER_SHARD = 512
 MAX_LOGIT_SCALE = 100.0  # ClipLossConfig.max_logit_scale
+MALLOC_KEEP_MB = 1024  # ScalingConfig.malloc_keep_mb, vlm's default
 EXPERIMENT = "bench-train-clip"
 
 # ----------------------------------------------------------------------------- small helpers
@@ -325,6 +335,17 @@ class StepTimer:
         self.waits: list[float] = []
         self.losses: list[float] = []
 
+    def save(self, path) -> None:
+        data = {"t0": self.t0, "ends": self.ends, "waits": self.waits, "losses": self.losses}
+        Path(path).write_text(json.dumps(data))
+
+    @classmethod
+    def load(cls, path) -> StepTimer:
+        data = json.loads(Path(path).read_text())
+        timer = cls()
+        timer.t0, timer.ends, timer.waits, timer.losses = data["t0"], data["ends"], data["waits"], data["losses"]
+        return timer
+
     def summary(self, batch: int, warmup_steps: int, log_every: int) -> dict:
         ends = [self.t0, *self.ends]
         steps = len(self.ends)
@@ -415,9 +436,11 @@ def _deepspeed_child(
     from vlm.models.scalars import reshape_scalar_params
     from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, deepspeed_config, param_groups
     from vlm.train.loop import tune_engine
+    from vlm.train.malloc import keep_freed_memory
 
     deepspeed.utils.logger.setLevel(40)
     torch.set_num_threads(threads)
+    keep_freed_memory(MALLOC_KEEP_MB)  # what vlm's worker does (vlm/train/malloc.py)
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(seed)
     model = build_clip(CLIPModelConfig(preset=PRESET))[0]
@@ -448,27 +471,58 @@ def _deepspeed_child(
         float(out["acc"])
         t_fetch = time.perf_counter()
         timer.ends.append(t_fetch)
-    Path(result).write_text(
-        json.dumps({"t0": timer.t0, "ends": timer.ends, "waits": timer.waits, "losses": timer.losses})
-    )
+    timer.save(result)
     torch.distributed.destroy_process_group()
 
 
 def run_deepspeed(arrays: Path, steps: int, batch: int, threads: int, seed: int, stage: int, tmp: Path) -> StepTimer:
+    result = tmp / f"deepspeed_loop_zero{stage}.json"
+    _in_subprocess(_deepspeed_child, (str(arrays), steps, batch, threads, seed, stage, _free_port(), str(result)))
+    return StepTimer.load(result)
+
+
+def _plain_child(kind: str, tmp: str, args: argparse.Namespace, malloc: bool, result: str) -> None:
+    """One plain variant in a fresh process, so that no variant inherits another's allocator state."""
+    import numpy as np
+
+    _quiet()
+    tmp = Path(tmp)
+    if malloc:
+        from vlm.train.malloc import keep_freed_memory
+
+        keep_freed_memory(MALLOC_KEEP_MB)
+    if kind == "memory":
+        data = np.load(tmp / "batches.npz")
+        batches = memory_batches(data["images"], data["texts"], args.batch)
+    elif kind == "dataloader":
+        tars = sorted((tmp / "shards").glob("*.tar"))
+        batches = torch.utils.data.DataLoader(
+            TarBatches(tars, args.batch, args.seed), batch_size=None, num_workers=1, prefetch_factor=4
+        )
+    elif kind == "raydata":
+        batches = ray_data_batches(tmp / "shards", args)
+    else:
+        raise ValueError(kind)
+    timer = run_plain(batches, args.steps, args.threads, args.seed)
+    if kind == "raydata":
+        batches.close()  # shuts Ray down
+    timer.save(result)
+
+
+def run_plain_variant(kind: str, tmp: Path, args: argparse.Namespace, malloc: bool = False) -> StepTimer:
+    result = tmp / f"plain_{kind}_{'malloc' if malloc else 'default'}.json"
+    _in_subprocess(_plain_child, (kind, str(tmp), args, malloc, str(result)))
+    return StepTimer.load(result)
+
+
+def _in_subprocess(target, args: tuple) -> None:
     import multiprocessing as mp
 
-    result = tmp / f"deepspeed_loop_zero{stage}.json"
-    proc = mp.get_context("spawn").Process(
-        target=_deepspeed_child, args=(str(arrays), steps, batch, threads, seed, stage, _free_port(), str(result))
-    )
+    proc = mp.get_context("spawn").Process(target=target, args=args)
     proc.start()
     proc.join()
     if proc.exitcode != 0:
-        raise RuntimeError(f"the DeepSpeed loop subprocess failed (exit {proc.exitcode})")
-    data = json.loads(result.read_text())
-    timer = StepTimer()
-    timer.t0, timer.ends, timer.waits, timer.losses = data["t0"], data["ends"], data["waits"], data["losses"]
-    return timer
+        raise RuntimeError(f"the {target.__name__} subprocess failed (exit {proc.exitcode})")
 
 
 def run_vlm(data_dir: Path, out_dir: Path, tmp: Path, args) -> dict:
@@ -574,25 +628,16 @@ def throughput(args, tmp: Path) -> dict:
             flush=True,
         )
 
-    def plain(name: str) -> None:
+    def plain(name: str, kind: str = "memory", malloc: bool = False) -> None:
         with Phase(name, quiet) as ph:
-            timer = run_plain(memory_batches(images, texts, args.batch), args.steps, args.threads, args.seed)
+            timer = run_plain_variant(kind, tmp, args, malloc)
         record(name, timer, ph)
 
     plain("plain (before)")
+    plain("plain+malloc (before)", malloc=True)
     if not args.skip_variants:
-        with Phase("dataloader", quiet) as ph:
-            loader = torch.utils.data.DataLoader(
-                TarBatches(tars, args.batch, args.seed), batch_size=None, num_workers=1, prefetch_factor=4
-            )
-            timer = run_plain(loader, args.steps, args.threads, args.seed)
-            del loader
-        record("plain+DataLoader", timer, ph)
-        with Phase("plain+Ray Data", quiet) as ph:
-            batches = ray_data_batches(tmp / "shards", args)
-            timer = run_plain(batches, args.steps, args.threads, args.seed)
-            batches.close()  # shuts Ray down before the next variant
-        record("plain+Ray Data", timer, ph)
+        plain("plain+DataLoader", "dataloader")
+        plain("plain+Ray Data", "raydata")
         for stage in (0, 2):
             name = f"deepspeed ZeRO-{stage} (no Ray)"
             with Phase(name, quiet) as ph:
@@ -601,8 +646,8 @@ def throughput(args, tmp: Path) -> dict:
 
     # vlm and plain alternate, so each vlm run is compared with the plain runs just before and after
     # it: this machine's speed drifts by ~10% over minutes, more than the 5% being measured.
-    plains = ["plain (before)"]
-    ratios = []
+    plains, tuned = ["plain (before)"], ["plain+malloc (before)"]
+    ratios, tuned_ratios = [], []
     for r in range(1, args.rounds + 1):
         name = "vlm train clip" if args.rounds == 1 else f"vlm train clip (round {r})"
         with Phase("vlm", quiet) as ph:
@@ -615,11 +660,13 @@ def throughput(args, tmp: Path) -> dict:
             f"machine busy {ph.info['machine_busy_cores']} cores)",
             flush=True,
         )
-        after = "plain (after)" if args.rounds == 1 else f"plain (after round {r})"
-        plain(after)
-        around = (runs[plains[-1]]["samples_per_s"] + runs[after]["samples_per_s"]) / 2
-        ratios.append(res["samples_per_s"] / around)
-        plains.append(after)
+        suffix = "(after)" if args.rounds == 1 else f"(after round {r})"
+        plain(f"plain {suffix}")
+        plain(f"plain+malloc {suffix}", malloc=True)
+        for names, out, new in ((plains, ratios, f"plain {suffix}"), (tuned, tuned_ratios, f"plain+malloc {suffix}")):
+            around = (runs[names[-1]]["samples_per_s"] + runs[new]["samples_per_s"]) / 2
+            out.append(res["samples_per_s"] / around)
+            names.append(new)
 
     ref = sum(runs[p]["samples_per_s"] for p in plains) / len(plains)
     for r in runs.values():
@@ -629,6 +676,8 @@ def throughput(args, tmp: Path) -> dict:
         "plain_reference_samples_per_s": ref,
         "vlm_over_plain": ratio,
         "vlm_over_adjacent_plain_per_round": ratios,
+        "vlm_over_plain_malloc": statistics.median(tuned_ratios),
+        "vlm_over_adjacent_plain_malloc_per_round": tuned_ratios,
         "within_5_percent": ratio >= 0.95,
         "runs": runs,
         "phases": phases,
@@ -674,9 +723,18 @@ def throughput_table(res: dict, args) -> str:
         + ", ".join(f"{x:.3f}" for x in res["vlm_over_adjacent_plain_per_round"])
         + "). 'vs plain' column: against the mean of all plain runs."
     )
+    tuned = res["vlm_over_plain_malloc"]
+    lines.append(
+        f"vlm / plain+malloc = {tuned:.3f} ({(tuned - 1) * 100:+.1f}%; per round "
+        + ", ".join(f"{x:.3f}" for x in res["vlm_over_adjacent_plain_malloc_per_round"])
+        + "): against a plain loop given vlm's malloc setting too (scaling.malloc_keep_mb), i.e. what Ray, "
+        "Ray Data and DeepSpeed cost beyond it."
+    )
     lines.append(
         "samples/s: wall clock from the end of the last warm-up step to the end of the last step, incl. data wait; "
         "plain/deepspeed: batches pre-decoded in memory; plain+DataLoader: 1 worker decoding from the tars; "
+        "+malloc and deepspeed rows: glibc malloc set as vlm's workers set it (vlm/train/malloc.py); "
+        "every variant but vlm runs in a fresh process; "
         "vlm: from its logged samples_per_s (Ray Data decoding, measured in the worker). "
         "others: cores other processes kept busy meanwhile (should be ~0)."
     )

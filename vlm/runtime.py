@@ -13,6 +13,8 @@ import socket
 
 from vlm.errors import ClusterError
 
+_started_here = False  # this process started the local Ray it is connected to
+
 
 def _quiet_ray_data() -> None:
     import ray.data
@@ -48,6 +50,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
         dashboard: start a local Ray's dashboard (Ray Train needs its State API; ingest does not,
             and skips the seconds it costs to start).
     """
+    global _started_here
     import ray
 
     if ray.is_initialized():
@@ -68,7 +71,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
     else:
         if num_cpus is None:
             # Logical CPUs above the core count: Ray Data needs CPUs beside training workers
-            # that hold one each, or it waits forever (DESIGN.md); tasks share cores fine.
+            # that hold one each, or it waits forever (DESIGN.md). Training runs cap Ray Data
+            # at the real cores left (pipelines/training.data_cpu_limit), so that decoding does
+            # not preempt the workers.
             num_cpus = max(4, 2 * (os.cpu_count() or 1))
         # The dashboard serves the State API that Ray Train's controller polls (and, later,
         # job submission); bound to loopback only.
@@ -79,9 +84,18 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
             logging_level=logging.WARNING,
             log_to_driver=True,
         )
+        _started_here = True
         where = f"local ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     _quiet_ray_data()
     return where
+
+
+def local_cores() -> int | None:
+    """This machine's cores when this process started the local Ray it uses (its logical CPU count
+    is inflated; see init_ray), else None: on a cluster Ray's own CPU counts are the real ones."""
+    import ray
+
+    return (os.cpu_count() or 1) if _started_here and ray.is_initialized() else None
 
 
 def cluster_cpus() -> int:

@@ -52,10 +52,21 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0
     resources_per_worker: dict = field(default_factory=dict)  # e.g. {"gpu_node": 1}: pin to labelled nodes
     torch_threads: int | None = None  # intra-op threads per worker; null: max(1, cpus_per_worker)
+    # glibc malloc in each training worker keeps up to this many MiB of freed memory instead of
+    # returning it to the OS after every step (vlm/train/malloc.py); 0 leaves malloc as it is.
+    malloc_keep_mb: int = 1024
+    # CPUs Ray Data's decoding may use beside the training workers. null: on a local Ray, the
+    # machine's cores the workers do not hold (at least 1), so decoding never preempts training;
+    # on a cluster, Ray Data's default (the cluster's CPUs minus the workers').
+    data_cpus: float | None = None
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ValueError("scaling.num_workers must be >= 1")
+        if self.data_cpus is not None and self.data_cpus <= 0:
+            raise ValueError("scaling.data_cpus must be > 0 (or null)")
+        if self.malloc_keep_mb < 0:
+            raise ValueError("scaling.malloc_keep_mb must be >= 0 (0: leave malloc alone)")
 
 
 @dataclass

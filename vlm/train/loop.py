@@ -67,6 +67,7 @@ class LoopSpec:
     mlflow_run_id: str | None
     config: dict = field(default_factory=dict)  # the resolved run config, saved in checkpoints
     dataset: str = "train"
+    malloc_keep_mb: int = 0  # see vlm/train/malloc.py
 
 
 def _set_seed(seed: int) -> None:
@@ -91,10 +92,12 @@ def train_worker(task_factory, spec: LoopSpec) -> None:
     import ray.train
 
     from vlm.tracking import AsyncMetricLogger
+    from vlm.train.malloc import keep_freed_memory
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
     torch.set_num_threads(spec.torch_threads)
+    keep_freed_memory(spec.malloc_keep_mb)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     out = Path(spec.output_dir)
