@@ -14,6 +14,8 @@ intra-op thread count, trained for the same number of steps on the same digit sh
             vlm's ratio is what Ray, Ray Data and DeepSpeed cost beyond the allocator.
 * plain+DataLoader - the same loop fed by a `torch.utils.data.DataLoader` (1 worker process)
             that reads the tars and decodes with `ClipPreprocess` while training runs.
+* plain+DataLoader+malloc - the same with vlm's malloc setting: the fair comparison for vlm's
+            step, which also shares the machine with decoding.
 * plain+Ray Data - the same loop fed in-process by Ray Data exactly as vlm's worker is fed
             (`read_webdataset` -> `ClipPreprocess` map_batches -> `iter_torch_batches` with
             vlm's local shuffle buffer), no Ray Train, no DeepSpeed: what the iterator costs.
@@ -310,7 +312,11 @@ def ray_data_batches(data_dir: Path, args):
     from vlm.data.clip_data import ClipDataConfig, ClipPreprocess
     from vlm.train.loop import local_shuffle_buffer
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         tars = sorted(str(t) for t in Path(data_dir).glob("*.tar"))
         ds = ray.data.read_webdataset(tars, decoder=None, shuffle="files")
@@ -637,6 +643,7 @@ def throughput(args, tmp: Path) -> dict:
     plain("plain+malloc (before)", malloc=True)
     if not args.skip_variants:
         plain("plain+DataLoader", "dataloader")
+        plain("plain+DataLoader+malloc", "dataloader", malloc=True)
         plain("plain+Ray Data", "raydata")
         for stage in (0, 2):
             name = f"deepspeed ZeRO-{stage} (no Ray)"

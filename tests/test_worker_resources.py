@@ -33,13 +33,14 @@ _CHURN = textwrap.dedent(
     libc.free.argtypes = [ctypes.c_void_p]
     libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
     chunk, n = 100 << 10, 640
+    ptrs = (ctypes.c_void_p * n)()  # allocated before the chunks, so none of ours sits above them
     for _ in range(3):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        ptrs = [libc.malloc(chunk) for _ in range(n)]
-        for p in ptrs:
-            libc.memset(p, 1, chunk)
-        for p in reversed(ptrs):
-            libc.free(p)
+        for i in range(n):
+            ptrs[i] = libc.malloc(chunk)
+            libc.memset(ptrs[i], 1, chunk)
+        for i in reversed(range(n)):
+            libc.free(ptrs[i])
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     print(faults)
     """
