@@ -309,18 +309,15 @@ def ray_data_batches(data_dir: Path, args):
     started here and shut down when the batches run out or the consumer stops."""
     import ray
 
-    from vlm.data.clip_data import ClipDataConfig, ClipPreprocess
+    from pipelines.train_clip import clip_dataset
+    from vlm.data.clip_data import ClipDataConfig
+    from vlm.runtime import init_ray
     from vlm.train.loop import local_shuffle_buffer
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    init_ray(num_cpus=2, dashboard=False)
     try:
         tars = sorted(str(t) for t in Path(data_dir).glob("*.tar"))
-        ds = ray.data.read_webdataset(tars, decoder=None, shuffle="files")
-        ds = ds.map_batches(ClipPreprocess(PRESET, IMAGE_SIZE, ClipDataConfig()), batch_size=64, batch_format="numpy")
+        ds = clip_dataset(tars, PRESET, IMAGE_SIZE, ClipDataConfig())
         for b in ds.iter_torch_batches(
             batch_size=args.batch, drop_last=True, local_shuffle_buffer_size=local_shuffle_buffer(args.batch)
         ):

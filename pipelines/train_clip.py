@@ -50,6 +50,16 @@ class TrainClipConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+def clip_dataset(shards: list[str], preset: str, image_size: int, data_cfg):
+    """The training dataset: raw WebDataset rows -> ClipPreprocess'd {"image", "text"} batches."""
+    import ray.data
+
+    from vlm.data.clip_data import ClipPreprocess
+
+    ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if data_cfg.shuffle_files else None)
+    return ds.map_batches(ClipPreprocess(preset, image_size, data_cfg), batch_size=64, batch_format="numpy")
+
+
 class ClipTask:
     """The CLIP `TrainTask`: open_clip model, global-batch contrastive loss, export, eval."""
 
@@ -125,11 +135,8 @@ def train_clip(
     parent_run_id: str | None = None,
 ) -> dict:
     """Run CLIP training; returns {"eval": metrics, "mlflow_run_id", "export", "steps"}."""
-    import ray
-    import ray.data
 
     from vlm import tracking
-    from vlm.data.clip_data import ClipPreprocess
     from vlm.models.clip.build import model_config
     from vlm.runtime import init_ray
     from vlm.train.config import micro_batch_size
@@ -164,8 +171,7 @@ def train_clip(
 
         size = mcfg["vision_cfg"]["image_size"]
         size = size[0] if isinstance(size, (list, tuple)) else size
-        ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if cfg.data.shuffle_files else None)
-        ds = ds.map_batches(ClipPreprocess(cfg.model.preset, size, cfg.data), batch_size=64, batch_format="numpy")
+        ds = clip_dataset(shards, cfg.model.preset, size, cfg.data)
 
         spec = training.loop_spec(cfg, ds_config, micro, out, run_id)
         return training.fit(_clip_worker, {"cfg": cfg, "spec": spec}, cfg, out, run_name, ds, run)
