@@ -6,7 +6,8 @@ intra-op thread count, trained for the same number of steps on the same digit sh
 
 * plain   - one process, no Ray, no DeepSpeed: `model(...)`, `clip_loss`, `backward`,
             `clip_grad_norm_`, `AdamW.step`. Data are decoded with vlm's own `ClipPreprocess`
-            from the tars into memory *before* timing, so this is the compute-only upper bound.
+            from the tars into memory *before* timing, so this is the compute-only upper bound
+            (uint8 images, normalized in the step with vlm's `normalize`, as vlm's step does).
             It runs before the first vlm run and after each; the mean is the reference.
 * plain+malloc - the same, with glibc malloc set as vlm's training workers set it
             (`scaling.malloc_keep_mb`, vlm/train/malloc.py: freed memory is kept instead of being
@@ -383,6 +384,7 @@ def _schedule(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 def run_plain(batches, steps: int, threads: int, seed: int) -> StepTimer:
     """The plain single-process PyTorch loop (no Ray, no DeepSpeed)."""
+    from vlm.data.clip_data import normalize
     from vlm.models.clip.build import CLIPModelConfig, build_clip
     from vlm.models.clip.loss import clip_loss
     from vlm.models.scalars import reshape_scalar_params
@@ -408,7 +410,7 @@ def run_plain(batches, steps: int, threads: int, seed: int) -> StepTimer:
         images, text = item
         t_start = time.perf_counter()
         timer.waits.append(t_start - t_fetch)
-        image_f, text_f, scale = model(images, text)
+        image_f, text_f, scale = model(normalize(images), text)
         out = clip_loss(image_f.float(), text_f.float(), scale.clamp(max=MAX_LOGIT_SCALE).float())
         out["loss"].backward()
         if oc.grad_clip > 0:
@@ -434,6 +436,7 @@ def _deepspeed_child(
     import deepspeed
     import numpy as np
 
+    from vlm.data.clip_data import normalize
     from vlm.models.clip.build import CLIPModelConfig, build_clip
     from vlm.models.clip.loss import clip_loss
     from vlm.models.scalars import reshape_scalar_params
@@ -466,7 +469,7 @@ def _deepspeed_child(
         images, text = next(it)
         t_start = time.perf_counter()
         timer.waits.append(t_start - t_fetch)
-        image_f, text_f, scale = engine(images, text)
+        image_f, text_f, scale = engine(normalize(images), text)
         out = clip_loss(image_f.float(), text_f.float(), scale.clamp(max=MAX_LOGIT_SCALE).float())
         engine.backward(out["loss"])
         engine.step()

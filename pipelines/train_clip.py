@@ -57,7 +57,8 @@ def clip_dataset(shards: list[str], preset: str, image_size: int, data_cfg):
     from vlm.data.clip_data import ClipPreprocess
 
     ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if data_cfg.shuffle_files else None)
-    return ds.map_batches(ClipPreprocess(preset, image_size, data_cfg), batch_size=64, batch_format="numpy")
+    transform = ClipPreprocess(preset, image_size, data_cfg)
+    return ds.map_batches(transform, batch_size=data_cfg.decode_batch_size, batch_format="numpy")
 
 
 class ClipTask:
@@ -73,9 +74,10 @@ class ClipTask:
         return model
 
     def loss(self, model, batch, dist):
+        from vlm.data.clip_data import normalize
         from vlm.models.clip.loss import clip_loss
 
-        images = batch["image"].to(dist.device, dist.dtype)
+        images = normalize(batch["image"].to(dist.device), dist.dtype)  # uint8 over the wire
         text = batch["text"].to(dist.device)
         image_f, text_f, scale = model(images, text)
         scale = scale.clamp(max=self.cfg.loss.max_logit_scale)

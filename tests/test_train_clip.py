@@ -200,6 +200,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path, digit_shards):
         (["--data", str(digit_shards), "train.global_batch_size=33"], "is not divisible by"),
         (["--data", str(digit_shards), "--output", str(tmp_path / "none"), "--resume"], "nothing to resume"),
         (["--data", str(digit_shards), "deepspeed.zero_stage=4"], "deepspeed.zero_stage must be 0, 1, 2 or 3"),
+        (["--data", str(digit_shards), "data.decode_batch_size=0"], "data.decode_batch_size must be >= 1"),
     ]
     for args, message in cases:
         res = _cli(*args)
