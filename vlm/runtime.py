@@ -19,7 +19,10 @@ _started_here = False  # this process started the local Ray it is connected to
 def _quiet_ray_data() -> None:
     import ray.data
 
+    from vlm.data.ray_exec import install
+
     ctx = ray.data.DataContext.get_current()
+    install(ctx)  # no busy scheduling loop while a pipeline is backpressured (vlm/data/ray_exec.py)
     ctx.enable_progress_bars = False  # we draw our own, per sample, not per operator
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
