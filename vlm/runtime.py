@@ -16,7 +16,8 @@ from vlm.errors import ClusterError
 _started_here = False  # this process started the local Ray it is connected to
 
 
-def _quiet_ray_data() -> None:
+def _configure_ray_data() -> None:
+    """This process's Ray Data context: the idle-loop throttle, and quiet progress output."""
     import ray.data
 
     from vlm.data.ray_exec import install
@@ -57,7 +58,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
     import ray
 
     if ray.is_initialized():
-        _quiet_ray_data()
+        _configure_ray_data()
         return "ray (already connected)"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
@@ -89,7 +90,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
         )
         _started_here = True
         where = f"local ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
-    _quiet_ray_data()
+    _configure_ray_data()
     return where
 
 
