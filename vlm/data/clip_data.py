@@ -104,13 +104,22 @@ def to_uint8_chw(images: list) -> np.ndarray:
     return np.ascontiguousarray(np.stack([np.asarray(im, dtype=np.uint8) for im in images]).transpose(0, 3, 1, 2))
 
 
+@functools.lru_cache(maxsize=8)
+def _normalize_affine(device):
+    """(scale, shift) of `normalize` on `device`, built once per device instead of copied every step."""
+    import torch
+
+    scale = torch.from_numpy(1.0 / (255.0 * STD)).to(device).view(1, 3, 1, 1)
+    shift = torch.from_numpy(-MEAN / STD).to(device).view(1, 3, 1, 1)
+    return scale, shift
+
+
 def normalize(images, dtype=None):
     """uint8 (B, 3, S, S) torch images -> CLIP-normalized `dtype` (default float32), on their device.
     Computed in float32 and cast after, as the float32 pipeline cast its normalized images."""
     import torch
 
-    scale = torch.from_numpy(1.0 / (255.0 * STD)).to(images.device).view(1, 3, 1, 1)
-    shift = torch.from_numpy(-MEAN / STD).to(images.device).view(1, 3, 1, 1)
+    scale, shift = _normalize_affine(images.device)
     out = images.float() * scale + shift
     return out if dtype in (None, torch.float32) else out.to(dtype)
 
