@@ -338,9 +338,23 @@ class StepTimer:
         self.ends: list[float] = []
         self.waits: list[float] = []
         self.losses: list[float] = []
+        # The loop thread's time runnable but waiting for a CPU (Linux schedstat), cumulative at
+        # t0 and at each step end: what vlm's worker logs as cpu_wait_fraction.
+        self.cpu_waits: list[float] = []
+
+    def start(self, now: float) -> None:
+        from vlm.train.sched import thread_cpu_wait_s
+
+        self._cpu_wait = thread_cpu_wait_s
+        self.t0 = now
+        self.cpu_waits = [thread_cpu_wait_s() or 0.0]
+
+    def end_step(self, now: float) -> None:
+        self.ends.append(now)
+        self.cpu_waits.append(self._cpu_wait() or 0.0)
 
     def save(self, path) -> None:
-        data = {"t0": self.t0, "ends": self.ends, "waits": self.waits, "losses": self.losses}
+        data = {"t0": self.t0, "ends": self.ends, "waits": self.waits, "losses": self.losses, "cpu": self.cpu_waits}
         Path(path).write_text(json.dumps(data))
 
     @classmethod
@@ -348,6 +362,7 @@ class StepTimer:
         data = json.loads(Path(path).read_text())
         timer = cls()
         timer.t0, timer.ends, timer.waits, timer.losses = data["t0"], data["ends"], data["waits"], data["losses"]
+        timer.cpu_waits = data.get("cpu", [])
         return timer
 
     def summary(self, batch: int, warmup_steps: int, log_every: int) -> dict:
@@ -356,6 +371,7 @@ class StepTimer:
         w = min(warmup_steps, steps - 1)
         span = ends[steps] - ends[w]
         wait = sum(self.waits[w:steps])
+        cpu = self.cpu_waits[steps] - self.cpu_waits[w] if len(self.cpu_waits) > steps else None
         windows = []
         for a in range(0, steps - log_every + 1, log_every):
             dt = ends[a + log_every] - ends[a]
@@ -366,6 +382,7 @@ class StepTimer:
             "warmup_steps": w,
             "samples_per_s": (steps - w) * batch / span,
             "data_wait_fraction": wait / span,
+            "cpu_wait_fraction": None if cpu is None else cpu / span,
             "step_ms": 1e3 * span / (steps - w),
             "window_samples_per_s": windows,
             "first_loss": self.losses[0] if self.losses else None,
@@ -402,7 +419,7 @@ def run_plain(batches, steps: int, threads: int, seed: int) -> StepTimer:
     timer = StepTimer()
     it = iter(batches)
     t_fetch = time.perf_counter()
-    timer.t0 = t_fetch
+    timer.start(t_fetch)
     for _ in range(steps):
         item = next(it, None)
         if item is None:
@@ -421,7 +438,7 @@ def run_plain(batches, steps: int, threads: int, seed: int) -> StepTimer:
         timer.losses.append(float(out["loss"].detach()))
         float(out["acc"])  # vlm reads both back every step
         t_fetch = time.perf_counter()
-        timer.ends.append(t_fetch)
+        timer.end_step(t_fetch)
     return timer
 
 
@@ -464,7 +481,7 @@ def _deepspeed_child(
     timer = StepTimer()
     it = iter(batches)
     t_fetch = time.perf_counter()
-    timer.t0 = t_fetch
+    timer.start(t_fetch)
     for _ in range(steps):
         images, text = next(it)
         t_start = time.perf_counter()
@@ -476,7 +493,7 @@ def _deepspeed_child(
         timer.losses.append(float(out["loss"].detach()))
         float(out["acc"])
         t_fetch = time.perf_counter()
-        timer.ends.append(t_fetch)
+        timer.end_step(t_fetch)
     timer.save(result)
     torch.distributed.destroy_process_group()
 
@@ -564,6 +581,8 @@ def run_vlm(data_dir: Path, out_dir: Path, tmp: Path, args) -> dict:
     times = {s: args.log_every * args.batch / r for s, r in steady}
     total = sum(times.values())
     wait = sum(times[s] * w for s, w in waits if s in times)
+    cpu_waits = history("cpu_wait_fraction")
+    cpu = sum(times[s] * w for s, w in cpu_waits if s in times) if cpu_waits else None
     return {
         "overrides": overrides,
         "mlflow_run_id": run_id,
@@ -572,9 +591,11 @@ def run_vlm(data_dir: Path, out_dir: Path, tmp: Path, args) -> dict:
         "warmup_steps": args.warmup_windows * args.log_every,
         "samples_per_s": len(steady) * args.log_every * args.batch / total,
         "data_wait_fraction": wait / total,
+        "cpu_wait_fraction": None if cpu is None else cpu / total,
         "step_ms": 1e3 * total / (len(steady) * args.log_every),
         "window_samples_per_s": [round(r, 1) for _, r in rates],
         "window_data_wait_fraction": [round(w, 3) for _, w in waits],
+        "window_cpu_wait_fraction": [round(w, 3) for _, w in cpu_waits],
         "first_loss": losses[0][1] if losses else None,
         "last_window_loss": losses[-1][1] if losses else None,
     }
@@ -596,6 +617,10 @@ def vlm_overrides(args) -> list[str]:
         "eval.digits=false",
         f"tracking.experiment={EXPERIMENT}",
     ]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:6.1%}"
 
 
 def throughput(args, tmp: Path) -> dict:
@@ -630,6 +655,7 @@ def throughput(args, tmp: Path) -> dict:
         runs[name] = res
         print(
             f"  {name:<22} {res['samples_per_s']:8.1f} samples/s  data wait {res['data_wait_fraction']:6.1%}  "
+            f"cpu wait {_pct(res['cpu_wait_fraction'])}  "
             f"(own {ph.info['own_cores']} cores, others {ph.info['others_busy_cores']} cores)",
             flush=True,
         )
@@ -663,7 +689,8 @@ def throughput(args, tmp: Path) -> dict:
         runs[name] = res
         print(
             f"  {name:<22} {res['samples_per_s']:8.1f} samples/s  data wait "
-            f"{res['data_wait_fraction']:6.1%}  (whole command {ph.info['wall_s']:.0f}s, "
+            f"{res['data_wait_fraction']:6.1%}  cpu wait {_pct(res['cpu_wait_fraction'])}  "
+            f"(whole command {ph.info['wall_s']:.0f}s, "
             f"machine busy {ph.info['machine_busy_cores']} cores)",
             flush=True,
         )
@@ -698,7 +725,7 @@ def throughput(args, tmp: Path) -> dict:
 
 
 def throughput_table(res: dict, args) -> str:
-    rows = [("variant", "samples/s", "ms/step", "data wait", "vs plain", "last loss", "others")]
+    rows = [("variant", "samples/s", "ms/step", "data wait", "cpu wait", "vs plain", "last loss", "others")]
     for name, r in res["runs"].items():
         others = r["phase"].get("others_busy_cores")
         rows.append(
@@ -707,6 +734,7 @@ def throughput_table(res: dict, args) -> str:
                 f"{r['samples_per_s']:.1f}",
                 f"{r['step_ms']:.1f}",
                 f"{r['data_wait_fraction']:.1%}",
+                "-" if r.get("cpu_wait_fraction") is None else f"{r['cpu_wait_fraction']:.1%}",
                 f"{r['ratio_to_plain']:.3f}",
                 f"{r['last_window_loss']:.3f}" if r.get("last_window_loss") is not None else "-",
                 "-" if name.startswith("vlm train clip") or others is None else f"{others:.2f}",
@@ -743,6 +771,8 @@ def throughput_table(res: dict, args) -> str:
         "+malloc and deepspeed rows: glibc malloc set as vlm's workers set it (vlm/train/malloc.py); "
         "every variant but vlm runs in a fresh process; "
         "vlm: from its logged samples_per_s (Ray Data decoding, measured in the worker). "
+        "cpu wait: the part of that time the training thread was ready to run but waited for a CPU "
+        "(/proc/thread-self/schedstat; vlm: its logged cpu_wait_fraction). "
         "others: cores other processes kept busy meanwhile (should be ~0)."
     )
     return "\n".join(lines)

@@ -81,6 +81,9 @@ def test_zero2_trains_exports_and_reloads(tmp_path, digit_shards, ray_local, mlf
     losses = _metric_history(mlflow_store, result["mlflow_run_id"], "loss")
     assert len(losses) == 8 and losses[-1][1] < losses[0][1] - 0.3, losses
     assert _metric_history(mlflow_store, result["mlflow_run_id"], "data_wait_fraction")
+    if Path("/proc/thread-self/schedstat").exists():
+        cpu_wait = _metric_history(mlflow_store, result["mlflow_run_id"], "cpu_wait_fraction")
+        assert len(cpu_wait) == 8 and all(0.0 <= v <= 1.0 for _, v in cpu_wait), cpu_wait
     assert result["steps"] == 16 and 0.0 <= result["eval"]["zeroshot_top1"] <= 1.0
 
     # The export loads with open_clip alone, by local dir and by preset name + file.

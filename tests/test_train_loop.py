@@ -81,3 +81,39 @@ def test_no_warmup_starts_at_the_full_rate(one_rank_world):
     engine = _engine(grad_clip=0.0)
     _steps(engine, n=1)
     assert engine.get_lr()[0] == pytest.approx(0.1, rel=0.01)  # cosine decay over 10 steps has barely begun
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="needs Linux schedstat")
+def test_cpu_wait_counts_time_a_busy_neighbour_takes():
+    """cpu_wait_fraction's source: a thread sharing its one CPU with a busy process waits ~half the time."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from vlm.train.sched import thread_cpu_wait_s
+
+    def spin_fraction(seconds: float) -> float:
+        w0, t0 = thread_cpu_wait_s(), time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            pass
+        return (thread_cpu_wait_s() - w0) / (time.perf_counter() - t0)
+
+    got = {}
+
+    def pinned():
+        # Only this thread (and the child it starts, which inherits its mask) goes on one CPU.
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        got["alone"] = spin_fraction(0.5)
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.3)  # let it start
+            got["crowded"] = spin_fraction(1.0)
+        finally:
+            busy.kill()
+            busy.wait()
+
+    t = threading.Thread(target=pinned)
+    t.start()
+    t.join(timeout=30)
+    assert got["crowded"] > 0.3 and got["crowded"] > got["alone"] + 0.2, got

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import torch
 
+from vlm.train.sched import thread_cpu_wait_s
+
 log = logging.getLogger(__name__)
 
 CKPT_TAG = "state"
@@ -257,10 +259,16 @@ def _sized(ds_config: dict, model: torch.nn.Module) -> dict:
 
 
 class _Window:
-    """Accumulates losses and timings between two log lines."""
+    """Accumulates losses and timings between two log lines.
+
+    `cpu_wait_fraction`: the part of the window the training thread was ready to run but waited
+    for a CPU (other processes on its cores: data decoding, Ray's daemons). Not data wait: that
+    is waiting for a batch. Logged only where Linux's schedstat is available.
+    """
 
     def __init__(self):
         self.t0 = time.perf_counter()
+        self.cpu_wait0 = thread_cpu_wait_s()
         self.wait = 0.0
         self.values: dict[str, list[float]] = {}
         self.n = 0
@@ -278,13 +286,18 @@ class _Window:
         metrics = {k: sum(v) / len(v) for k, v in self.values.items()}
         metrics["samples_per_s"] = self.n * samples_per_batch / elapsed
         metrics["data_wait_fraction"] = min(1.0, self.wait / elapsed)
-        self.t0, self.wait, self.values, self.n = now, 0.0, {}, 0
+        cpu_wait = thread_cpu_wait_s()
+        if cpu_wait is not None and self.cpu_wait0 is not None:
+            metrics["cpu_wait_fraction"] = min(1.0, max(0.0, cpu_wait - self.cpu_wait0) / elapsed)
+        self.t0, self.cpu_wait0, self.wait, self.values, self.n = now, cpu_wait, 0.0, {}, 0
         return metrics
 
 
 def _progress_line(step: int, max_steps: int, metrics: dict) -> str:
     shown = " ".join(
-        f"{k} {metrics[k]:.4g}" for k in ("loss", "acc", "lr", "samples_per_s", "data_wait_fraction") if k in metrics
+        f"{k} {metrics[k]:.4g}"
+        for k in ("loss", "acc", "lr", "samples_per_s", "data_wait_fraction", "cpu_wait_fraction")
+        if k in metrics
     )
     return f"[train] step {step}/{max_steps} {shown}"
 
