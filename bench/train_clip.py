@@ -339,7 +339,8 @@ class StepTimer:
         self.waits: list[float] = []
         self.losses: list[float] = []
         # The loop thread's time runnable but waiting for a CPU (Linux schedstat), cumulative at
-        # t0 and at each step end: what vlm's worker logs as cpu_wait_fraction.
+        # t0 and at each step end: what vlm's worker logs as cpu_wait_fraction. Empty where the
+        # kernel does not expose it (the summary then says None, not 0).
         self.cpu_waits: list[float] = []
 
     def start(self, now: float) -> None:
@@ -347,11 +348,13 @@ class StepTimer:
 
         self._cpu_wait = thread_cpu_wait_s
         self.t0 = now
-        self.cpu_waits = [thread_cpu_wait_s() or 0.0]
+        first = thread_cpu_wait_s()
+        self.cpu_waits = [] if first is None else [first]
 
     def end_step(self, now: float) -> None:
         self.ends.append(now)
-        self.cpu_waits.append(self._cpu_wait() or 0.0)
+        if self.cpu_waits:
+            self.cpu_waits.append(self._cpu_wait())
 
     def save(self, path) -> None:
         data = {"t0": self.t0, "ends": self.ends, "waits": self.waits, "losses": self.losses, "cpu": self.cpu_waits}
@@ -362,7 +365,7 @@ class StepTimer:
         data = json.loads(Path(path).read_text())
         timer = cls()
         timer.t0, timer.ends, timer.waits, timer.losses = data["t0"], data["ends"], data["waits"], data["losses"]
-        timer.cpu_waits = data.get("cpu", [])
+        timer.cpu_waits = data["cpu"]
         return timer
 
     def summary(self, batch: int, warmup_steps: int, log_every: int) -> dict:
@@ -619,8 +622,8 @@ def vlm_overrides(args) -> list[str]:
     ]
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:6.1%}"
+def _pct(x: float | None, width: int = 6) -> str:
+    return "-" if x is None else f"{x:{width}.1%}"
 
 
 def throughput(args, tmp: Path) -> dict:
@@ -734,7 +737,7 @@ def throughput_table(res: dict, args) -> str:
                 f"{r['samples_per_s']:.1f}",
                 f"{r['step_ms']:.1f}",
                 f"{r['data_wait_fraction']:.1%}",
-                "-" if r.get("cpu_wait_fraction") is None else f"{r['cpu_wait_fraction']:.1%}",
+                _pct(r.get("cpu_wait_fraction"), width=0),
                 f"{r['ratio_to_plain']:.3f}",
                 f"{r['last_window_loss']:.3f}" if r.get("last_window_loss") is not None else "-",
                 "-" if name.startswith("vlm train clip") or others is None else f"{others:.2f}",
