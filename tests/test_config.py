@@ -79,3 +79,20 @@ def test_optional_and_lists():
     assert cfg.input.caption_col is None
     assert cfg.download.disallowed_header_directives == ["noai"]
     assert to_dict(cfg)["input"]["caption_col"] is None
+
+
+def test_overrides_keep_the_section_defaults_a_trainer_sets():
+    # Flamingo's config gives its deepspeed/optim/train sections their own defaults; setting one
+    # key of a section must keep the others (it once rebuilt the section from the class defaults:
+    # `deepspeed.offload_optimizer=true` silently trained at ZeRO-2 instead of 3).
+    from pipelines.train_blip import TrainBlipConfig
+    from pipelines.train_flamingo import TrainFlamingoConfig
+
+    base = load_config(TrainFlamingoConfig)
+    overrides = ["deepspeed.offload_optimizer=true", "optim.lr=3e-4", "train.max_steps=5"]
+    cfg = load_config(TrainFlamingoConfig, None, overrides)
+    assert cfg.deepspeed.zero_stage == base.deepspeed.zero_stage == 3 and cfg.deepspeed.offload_optimizer
+    assert cfg.optim.lr == 3e-4 and cfg.optim.weight_decay == base.optim.weight_decay == 0.1
+    assert cfg.train.max_steps == 5 and cfg.train.global_batch_size == base.train.global_batch_size == 8
+    assert load_config(TrainFlamingoConfig, None, ["deepspeed.offload_params=true"]).deepspeed.offload_params
+    assert load_config(TrainBlipConfig, None, ["optim.lr=1e-3"]).optim.warmup_steps == 50

@@ -115,6 +115,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}' has an unsupported type {_type_name(tp)}")
 
 
+def _default_dict(f: dataclasses.Field) -> dict:
+    """The default of a dataclass-typed field as a nested dict ({} when it has none)."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return {}
+    return dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+
+
 def _from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -123,6 +134,11 @@ def _from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
             raise ConfigError(f"unknown config key '{key}'")
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]):
+            # A section the parent gives its own defaults (`field(default_factory=lambda:
+            # OptimConfig(lr=1e-4))`): the keys set here override those, not the section
+            # class's defaults, so `optim.warmup_steps=10` keeps the parent's lr.
+            value = _deep_merge(_default_dict(fields[name]), value)
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         obj = cls(**kwargs)
