@@ -104,3 +104,20 @@ def test_loop_spec_carries_the_malloc_setting(tmp_path):
     spec = training.loop_spec(cfg, {}, 8, tmp_path, None)
     assert spec.malloc_keep_mb == 256
     assert training.loop_spec(load_config(TrainClipConfig, None, []), {}, 8, tmp_path, None).malloc_keep_mb == 1024
+
+
+def test_single_rank_zero_note():
+    from pipelines import training
+    from pipelines.train_clip import TrainClipConfig
+    from pipelines.train_flamingo import TrainFlamingoConfig
+
+    def note(cls, *overrides):
+        return training.single_rank_zero_note(load_config(cls, None, list(overrides)))
+
+    one = "scaling.num_workers=1"
+    assert "deepspeed.zero_stage=2 with scaling.num_workers=1" in note(TrainClipConfig, one)
+    assert "deepspeed.zero_stage=3" in note(TrainFlamingoConfig, one)  # Flamingo's default stage
+    assert note(TrainClipConfig) is None  # 2 workers by default: ZeRO partitions over them
+    assert note(TrainClipConfig, one, "deepspeed.zero_stage=0") is None
+    assert note(TrainClipConfig, one, "deepspeed.offload_optimizer=true") is None  # saves memory on one rank
+    assert note(TrainFlamingoConfig, one, "deepspeed.offload_params=true") is None
