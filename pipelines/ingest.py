@@ -71,7 +71,9 @@ def content_hash(cfg: IngestConfig) -> str:
     """Digest of the settings that decide what the output contains (not how fast it is made)."""
     d = cfg.download
     content = {
-        "input": to_dict(cfg.input) | {"batch_rows": None},
+        # batch_rows is read speed; max_bad_row_fraction only decides whether a run starts (the
+        # rows it skips are skipped whatever the limit), so neither changes the output.
+        "input": to_dict(cfg.input) | {"batch_rows": None, "max_bad_row_fraction": None},
         "image": to_dict(cfg.image),
         "samples_per_shard": cfg.output.samples_per_shard,
         "optout": [d.respect_optouts, sorted(d.disallowed_header_directives), d.user_agent_token],
@@ -132,7 +134,8 @@ def plan(out: Path, paths: list[Path], cfg: IngestConfig) -> dict:
     seen: set[int] = set()
     buf: list[dict] = []
     shard = total = dups = 0
-    for batch in iter_rows(paths, cfg.input):
+    rows = iter_rows(paths, cfg.input)
+    for batch in rows:
         for row in batch:
             url = row["url"] or ""
             status = error = None
@@ -162,7 +165,14 @@ def plan(out: Path, paths: list[Path], cfg: IngestConfig) -> dict:
         shard += 1
     if total == 0:
         raise InputError(f"input holds no rows: {', '.join(str(p) for p in paths)}")
-    result = fingerprint | {"num_shards": shard, "num_rows": total, "duplicates": dups}
+    result = fingerprint | {
+        "num_shards": shard,
+        "num_rows": total,
+        "duplicates": dups,
+        "skipped_rows": rows.skipped_rows,
+        "skipped_lines": [f"{p}:{line}" for p, line in rows.skipped_lines],
+        "truncated_captions": rows.truncated_captions,
+    }
     sh.atomic_write_json(plan_path, result)
     return result
 
@@ -385,7 +395,11 @@ def ingest(
             "inputs": the_plan["inputs"],
             "shards": [f"{sh.shard_name(s)}.tar" for s in range(n)],
             "num_shards": n,
-            "totals": totals,
+            "totals": totals
+            | {
+                "input_rows_skipped": the_plan.get("skipped_rows", 0),
+                "captions_truncated": the_plan.get("truncated_captions", 0),
+            },
             "mlflow_run_id": run.run_id if run else None,
         }
         sh.write_success(out, manifest)
@@ -395,6 +409,8 @@ def ingest(
                 "samples": totals["count"],
                 "successes": totals["successes"],
                 "bytes": totals["bytes"],
+                "input_rows_skipped": the_plan.get("skipped_rows", 0),
+                "captions_truncated": the_plan.get("truncated_captions", 0),
                 **{f"count_{k}": v for k, v in totals["status_counts"].items()},
                 **run_metrics,
             }
@@ -438,6 +454,10 @@ def summary_table(manifest: dict) -> str:
         lines.append(f"{status:<22}{value:>10}{100 * value / count:>8.1f}%")
     lines.append("-" * 41)
     lines.append(f"{'total':<22}{totals['count']:>10}")
+    if totals.get("input_rows_skipped"):
+        lines.append(f"input rows skipped (not UTF-8): {totals['input_rows_skipped']} (lines listed in _work/plan.json)")
+    if totals.get("captions_truncated"):
+        lines.append(f"captions truncated to input.max_caption_chars: {totals['captions_truncated']}")
     run = manifest.get("run", {})
     if run.get("shards_processed"):
         lines.append(

@@ -11,11 +11,16 @@ token already exists (env or that file), and KubeRay / the launcher set it up (c
 The token is found as Ray's own client finds it - RAY_AUTH_TOKEN, else the file named by
 RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token - and sent as a bearer token (RAY_AUTH_MODE=disabled
 sends none). A cluster without auth ignores it.
+
+Every call to the dashboard has a connect and a read timeout (Ray's client sets none, so an
+address that accepts connections and never answers would hang the command): a read waits at
+most VLM_DASHBOARD_TIMEOUT_S seconds (default 60) and then fails with one line naming the address.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shlex
 import socket
@@ -52,6 +57,11 @@ EXCLUDES = [
     "build",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+CONNECT_TIMEOUT_S = 5.0
+# Longest wait for an answer: a submit uploads the project and starts the job's supervisor
+# actor before the dashboard replies, which takes seconds on a busy head, never minutes.
+READ_TIMEOUT_S = 60.0
+TIMEOUT_ENV = "VLM_DASHBOARD_TIMEOUT_S"  # overrides READ_TIMEOUT_S (a dashboard behind a slow tunnel)
 
 
 # ------------------------------------------------------------------------------ address + auth
@@ -115,6 +125,89 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def dashboard_timeouts() -> tuple[float, float]:
+    """(connect, read) seconds for every call to the dashboard; the read one from VLM_DASHBOARD_TIMEOUT_S."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return CONNECT_TIMEOUT_S, READ_TIMEOUT_S
+    try:
+        read_s = float(raw)
+    except ValueError:
+        read_s = 0.0
+    if not read_s > 0:
+        raise InputError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return min(CONNECT_TIMEOUT_S, read_s), read_s
+
+
+def _timed_out(url: str, call: str, read_s: float) -> ClusterError:
+    return ClusterError(
+        f"the Ray dashboard at {url} timed out: no answer to {call} within {read_s:g}s "
+        f"(is it a Ray dashboard? a slow one: raise {TIMEOUT_ENV})"
+    )
+
+
+async def tail_logs(url: str, job_id: str, *, headers=None, cookies=None, ssl=True, timeouts=None):
+    """Yield a job's log chunks from the dashboard's websocket until the job ends.
+
+    Ray's `tail_job_logs`, with the connect and the handshake bounded by `timeouts`; once the
+    websocket is open aiohttp lifts the read timeout, as a quiet job may print nothing for hours.
+    """
+    import aiohttp
+
+    connect_s, read_s = timeouts or dashboard_timeouts()
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)
+    endpoint = f"/api/jobs/{job_id}/logs/tail"
+    async with aiohttp.ClientSession(cookies=cookies, headers=headers, timeout=timeout) as session:
+        try:
+            ws = await session.ws_connect(url + endpoint, ssl=ssl)
+        except TimeoutError:
+            raise _timed_out(url, f"GET {endpoint}", read_s) from None
+        while True:
+            msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                yield msg.data
+            elif msg.type == aiohttp.WSMsgType.CLOSED:
+                if ws.close_code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:
+                    raise RuntimeError(f"WebSocket connection closed unexpectedly with close code {ws.close_code}")
+                return
+            elif msg.type == aiohttp.WSMsgType.ERROR:
+                raise RuntimeError(f"WebSocket error for job {job_id}: {ws.exception()}")
+
+
+@functools.cache
+def _client_class():
+    """Ray's JobSubmissionClient with timeouts on every HTTP call (imported on first use: Ray is heavy)."""
+    import requests
+    from ray.job_submission import JobSubmissionClient
+
+    class TimedJobClient(JobSubmissionClient):
+        def __init__(self, url: str, *, headers: dict | None, timeouts: tuple[float, float]):
+            self._vlm_url = url
+            self._vlm_timeouts = timeouts  # set first: the base __init__ already calls the dashboard
+            super().__init__(url, headers=headers)
+
+        def _do_request(self, method: str, endpoint: str, **kwargs):
+            kwargs.setdefault("timeout", self._vlm_timeouts)
+            try:
+                return super()._do_request(method, endpoint, **kwargs)
+            except requests.exceptions.Timeout:
+                raise _timed_out(self._vlm_url, f"{method} {endpoint}", self._vlm_timeouts[1]) from None
+
+        async def tail_job_logs(self, job_id: str):
+            ssl = True if self._ssl_context is None else self._ssl_context
+            async for chunk in tail_logs(
+                self._address,
+                job_id,
+                headers=self._headers,
+                cookies=self._cookies,
+                ssl=ssl,
+                timeouts=self._vlm_timeouts,
+            ):
+                yield chunk
+
+    return TimedJobClient
+
+
 def _probe(url: str, timeout_s: float = 3.0) -> None:
     parts = urlsplit(url)
     try:
@@ -156,21 +249,23 @@ def _explain(exc: BaseException, url: str, job_id: str | None = None) -> Cluster
 def job_client(address: str | None = None):
     """A `JobSubmissionClient` for the cluster, with its auth token; ClusterError if unreachable."""
     url = dashboard_address(address)
-    _probe(url)
+    timeouts = dashboard_timeouts()
+    _probe(url, timeouts[0])
     token, _ = auth_token()
     # An explicit header, not RAY_AUTH_MODE=token in our environment: Ray reads that mode once
     # per process (cached config + token loader), and it would not reach the client reliably.
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    from ray.job_submission import JobSubmissionClient
-
+    client_class = _client_class()
     _quiet_ray_client()
     # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override its address argument, and
     # reads a bare host:port there as a GCS address it then dials; pin it to the URL chosen here.
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = url
     try:
-        client = JobSubmissionClient(url, headers=headers)
+        client = client_class(url, headers=headers, timeouts=timeouts)
         client.list_jobs()  # the version check above does not need auth; this does
+    except ClusterError:
+        raise
     except Exception as exc:
         raise _explain(exc, url) from None
     finally:
@@ -253,6 +348,8 @@ def submit(
             submission_id=job_id,
             metadata={"submitted_by": "vlm submit", "command": " ".join(entrypoint[:3])},
         )
+    except ClusterError:
+        raise
     except Exception as exc:
         raise _explain(exc, url) from None
     return client, job

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from vlm.data import download as dl
-from vlm.data.download import DownloadConfig, Downloader, address_refusal, check_url, is_opted_out, parse_retry_after
+from vlm.data.download import (
+    DownloadConfig,
+    Downloader,
+    address_refusal,
+    check_url,
+    is_opted_out,
+    legacy_ipv4,
+    parse_retry_after,
+)
 
 
 def _cfg(**kw) -> DownloadConfig:
@@ -109,6 +118,33 @@ def test_content_type_and_size_caps(web):
     assert big.status == dl.FAILED_TO_DOWNLOAD and "too large" in big.error
 
 
+@pytest.mark.parametrize("ext", ["jpg", "png", "webp", "gif"])
+@pytest.mark.parametrize("ctype", ["text/plain", "application/octet-stream"])
+def test_mislabelled_images_are_judged_by_their_bytes(web, ext, ctype):
+    """A real image served as text/plain or application/octet-stream downloads as a success."""
+    res = fetch(f"{web.base_url}/mislabelled/3.{ext}?type={ctype}")
+    assert res.status == dl.SUCCESS, res.error
+    assert dl.sniff_content(res.data) == "image"
+
+
+def test_html_is_refused_after_its_first_chunk(web):
+    """An HTML body fails on its first bytes whatever its label; the rest is never waited for."""
+    t0 = time.monotonic()
+    as_jpeg = fetch(f"{web.base_url}/trickle/1.jpg?type=image/jpeg", timeout_s=3.0)
+    as_text = fetch(f"{web.base_url}/trickle/1.jpg?type=text/plain", timeout_s=3.0)
+    # The server sends the rest of each body only after slow_delay_s (5 s): reading it all would time out.
+    assert time.monotonic() - t0 < 3.0
+    for res in (as_jpeg, as_text):
+        assert res.status == dl.FAILED_TO_DOWNLOAD and not res.retryable and res.attempts == 1
+    assert "HTML page served as image/jpeg" in as_jpeg.error and "HTML page served as text/plain" in as_text.error
+
+
+def test_text_that_is_not_an_image_keeps_its_content_type_error(web):
+    """A text/plain body that does not start like an image fails as before, after one chunk."""
+    res = fetch(f"{web.base_url}/trickle/1.jpg?type=text/plain&body=text", timeout_s=3.0)
+    assert res.status == dl.FAILED_TO_DOWNLOAD and res.error == "unexpected content type text/plain"
+
+
 def test_optout_headers(web):
     """Opt-out headers skip the image; another agent's scoped opt-out does not."""
     assert fetch(f"{web.base_url}/optout/noai/1.jpg").status == dl.SKIPPED_OPTOUT
@@ -127,6 +163,32 @@ def test_private_addresses_refused(web):
     name = fetch(f"http://localhost:{port}/img/2.jpg", allow_private_networks=False)
     assert name.status == dl.SKIPPED_UNSAFE
     assert web.hits("/img/") == before
+
+
+def test_legacy_numeric_ipv4_forms_are_normalised():
+    """Hex, decimal, octal and short IPv4 hosts read as inet_aton reads them; names are left alone."""
+    for host in ("0x7f000001", "2130706433", "127.1", "0177.0.0.1", "0x7f.0.0.1", "127.0.1", "017700000001"):
+        assert legacy_ipv4(host) == "127.0.0.1", host
+    assert legacy_ipv4("0x0a.1") == "10.0.0.1" and legacy_ipv4("134744072") == "8.8.8.8"
+    assert (
+        legacy_ipv4("example.com") is None and legacy_ipv4("0x1.example") is None and legacy_ipv4("1.2.3.4.5") is None
+    )
+    for bad in ("4294967296", "256.1", "1.2.3.256", "08.0.0.1"):
+        with pytest.raises(dl.UnsafeAddressError, match="malformed numeric host"):
+            legacy_ipv4(bad)
+    assert check_url("http://0x08080808/a.jpg", allow_private=False) == ("http", "8.8.8.8")
+
+
+@pytest.mark.parametrize("host", ["0x7f000001", "2130706433", "127.1", "0177.0.0.1"])
+def test_numeric_loopback_hosts_are_unsafe(web, host):
+    """Integer, hex, octal and short forms of 127.0.0.1 end as skipped_unsafe_url, before any request."""
+    port = web.base_url.rsplit(":", 1)[1]
+    before = web.hits("/img/")
+    res = fetch(f"http://{host}:{port}/img/2.jpg", allow_private_networks=False)
+    assert res.status == dl.SKIPPED_UNSAFE and "loopback address 127.0.0.1" in res.error, res.error
+    assert web.hits("/img/") == before
+    allowed = fetch(f"http://{host}:{port}/img/2.jpg", allow_private_networks=True)
+    assert allowed.status == dl.SUCCESS and allowed.final_url == f"http://127.0.0.1:{port}/img/2.jpg"
 
 
 def test_redirect_to_private_refused(web, monkeypatch):
@@ -153,3 +215,33 @@ def test_resolver_refuses_names_of_private_addresses():
         assert (await ok.resolve("localhost", 80))[0]["host"] in ("127.0.0.1", "::1")
 
     asyncio.run(go())
+
+
+def test_long_caption_is_capped_in_the_shard(web, tmp_path):
+    """A 1 MB caption reaches KEY.txt, KEY.json and the parquet cut to max_caption_chars, flagged."""
+    import json
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from vlm.data.images import ImageConfig
+    from vlm.data.localweb import write_url_list
+    from vlm.data.shard_download import download_shard
+    from vlm.data.urls import InputConfig, iter_rows
+
+    urls = [f"{web.base_url}/img/{i}.jpg?w=32&h=32" for i in (1, 2)]
+    path = write_url_list(
+        [{"url": urls[0], "caption": "y" * 1_000_000}, {"url": urls[1], "caption": "a two"}], tmp_path / "u.csv"
+    )
+    rows = [r for batch in iter_rows([path], InputConfig(max_caption_chars=4096)) for r in batch]
+    items = [dict(r, key=f"00000{i:04d}", status=None) for i, r in enumerate(rows)]
+    (tmp_path / "out").mkdir()
+    stats = download_shard(tmp_path / "out", 0, items, _cfg(), ImageConfig(image_size=32))
+    assert stats["successes"] == 2
+    table = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    assert [(len(r["caption"]), r["caption_truncated"]) for r in table] == [(4096, True), (5, False)]
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        assert len(tar.extractfile("000000000.txt").read()) == 4096
+        meta = json.loads(tar.extractfile("000000000.json").read())
+        assert len(meta["caption"]) == 4096 and meta["caption_truncated"] is True
+        assert json.loads(tar.extractfile("000000001.json").read())["caption_truncated"] is False

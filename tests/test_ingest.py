@@ -183,6 +183,25 @@ def test_private_addresses_refused_end_to_end(tmp_path, web, ray_local, mlflow_s
     assert web.hits() == before
 
 
+def test_bad_utf8_rows_and_long_captions_end_to_end(tmp_path, web, ray_local, mlflow_store):
+    """A CSV with one non-UTF-8 row among 150 and one runaway caption ingests the rest, and says so."""
+    rows = make_url_rows(web.base_url, 150, seed=4, failures=False)
+    src = write_url_list(rows, tmp_path / "urls.csv")
+    lines = src.read_bytes().split(b"\n")
+    lines[5] = lines[5] + b"\xff"  # a bad byte at the end of data row 5 (line 6)
+    src.write_bytes(b"\n".join(lines))
+    manifest = ingest(str(src), tmp_path / "out", cfg_for("input.max_caption_chars=8"), show_progress=False)
+    totals = manifest["totals"]
+    assert totals["count"] == 149
+    assert totals["input_rows_skipped"] == 1
+    assert totals["captions_truncated"] > 0
+    plan = json.loads((tmp_path / "out" / "_work" / "plan.json").read_text())
+    assert plan["skipped_lines"] == [f"{src}:6"]
+    stored = read_rows(tmp_path / "out")
+    assert all(len(r["caption"] or "") <= 8 for r in stored)
+    assert any(r["caption_truncated"] for r in stored)
+
+
 def _cli(*args: str, env_extra: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run(

@@ -10,6 +10,8 @@ only the processes of this cluster's two sessions.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,7 +29,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
-from pipelines.jobs import EXCLUDES, ROOT, dashboard_address, runtime_env
+from pipelines.jobs import EXCLUDES, ROOT, dashboard_address, runtime_env, tail_logs
+from vlm.errors import ClusterError
 
 BIN = Path(sys.executable).parent
 RAY = shutil.which("ray", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -317,6 +321,64 @@ def test_unreachable_address_is_a_one_line_error(capsys, monkeypatch):
     assert main(["submit", "--address", f"127.0.0.1:{port}", "--", "vlm", "plan", "flamingo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in e for e in err)
+
+
+@contextlib.contextmanager
+def _silent_server():
+    """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte; yields its port."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.1)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:  # the 0.1 s accept timeout: look at `stop` again
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in conns:
+            conn.close()
+        srv.close()
+
+
+def test_dashboard_that_never_answers_times_out(capsys, monkeypatch):
+    """An address that accepts connections and never answers: `jobs list` and `submit` exit 2 in seconds, one line."""
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("VLM_DASHBOARD_TIMEOUT_S", "1")
+    with _silent_server() as port:
+        t0 = time.monotonic()
+        assert main(["jobs", "list", "--address", f"127.0.0.1:{port}"]) == 2
+        assert main(["submit", "--address", f"127.0.0.1:{port}", "--", "vlm", "plan", "flamingo"]) == 2
+        elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert elapsed < 10 and len(err) == 2, (elapsed, err)
+    assert all(f"the Ray dashboard at http://127.0.0.1:{port} timed out" in e for e in err), err
+
+
+def test_log_tail_that_never_answers_times_out():
+    """Following logs from a dashboard that never completes the websocket handshake fails with ClusterError."""
+
+    async def follow(port: int) -> None:
+        async for _ in tail_logs(f"http://127.0.0.1:{port}", "raysubmit_x", timeouts=(1.0, 1.0)):
+            pass
+
+    with _silent_server() as port:
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match=f"http://127.0.0.1:{port} timed out: no answer to GET /api/jobs/"):
+            asyncio.run(follow(port))
+        assert time.monotonic() - t0 < 5
 
 
 def test_address_forms(monkeypatch):

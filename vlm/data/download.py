@@ -12,7 +12,10 @@ Each URL is fetched with:
   refused too);
 - the `X-Robots-Tag` opt-out (noai / noimageai / noindex / noimageindex, global or scoped to
   our user-agent token), following the convention img2dataset and spawning.ai established;
-- a cap on bytes read per image.
+- a cap on bytes read per image;
+- a content check by the body's first bytes, not the Content-Type header alone: static hosts
+  label real images `text/plain` or `application/octet-stream`, and img2dataset stores those,
+  while an HTML page (by header or by its first bytes) is refused after one chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import asyncio
 import email.utils
 import ipaddress
 import random
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -36,6 +40,16 @@ SKIPPED_DUPLICATE = "skipped_duplicate"
 STATUSES = (SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, SKIPPED_OPTOUT, SKIPPED_UNSAFE, SKIPPED_DUPLICATE)
 
 RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
+
+# Content types refused without reading the body, and those refused unless the body starts
+# like an image (a mislabelled image is still an image; a text page is not).
+_HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+_SNIFF_BYTES = 16  # bytes needed before judging: every signature below fits
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")  # + RIFF....WEBP below
+_HTML_PREFIXES = (b"<!doctype html", b"<html", b"<head")
+
+# One part of an IPv4 address the way inet_aton reads it: 0x-hex, 0-octal or decimal.
+_NUMERIC_PART = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$", re.IGNORECASE)
 
 
 @dataclass
@@ -112,8 +126,40 @@ def address_refusal(ip: str) -> str | None:
     return None
 
 
+def legacy_ipv4(host: str) -> str | None:
+    """The dotted-quad address of a host in a numeric form inet_aton accepts, else None.
+
+    `2130706433`, `0x7f000001`, `127.1` and `0177.0.0.1` all mean 127.0.0.1 to the C resolver
+    (and to browsers, which canonicalise them); a policy that only parses dotted quads would
+    wave them through. A host that is numeric but out of range raises UnsafeAddressError.
+    """
+    parts = host.split(".")
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()  # one trailing dot, as in a fully qualified name
+    if not 1 <= len(parts) <= 4 or not all(_NUMERIC_PART.match(p) for p in parts):
+        return None
+    try:
+        values = [
+            int(p[2:] or "0", 16) if p[:2].lower() == "0x" else int(p, 8) if len(p) > 1 and p[0] == "0" else int(p)
+            for p in parts
+        ]
+    except ValueError:  # an octal part with an 8 or 9
+        raise UnsafeAddressError(f"malformed numeric host {host}") from None
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 1 << (8 * (5 - len(values))):
+        raise UnsafeAddressError(f"malformed numeric host {host}")
+    number = last
+    for i, v in enumerate(head):
+        number |= v << (8 * (3 - i))
+    return str(ipaddress.IPv4Address(number))
+
+
 def check_url(url: str, allow_private: bool) -> tuple[str, str]:
-    """Validate scheme and (literal-IP) host. Returns (scheme, host); raises UnsafeAddressError."""
+    """Validate scheme and (literal-IP) host. Returns (scheme, host); raises UnsafeAddressError.
+
+    The host comes back canonical: a legacy numeric IPv4 form (see `legacy_ipv4`) as the dotted
+    quad it means, which is also the form aiohttp connects to.
+    """
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -124,6 +170,7 @@ def check_url(url: str, allow_private: bool) -> tuple[str, str]:
         raise UnsafeAddressError(f"unsupported url scheme '{scheme or '(none)'}'")
     if not host:
         raise UnsafeAddressError("url has no host")
+    host = legacy_ipv4(host) or host
     if not allow_private:
         try:
             ipaddress.ip_address(host)
@@ -135,6 +182,26 @@ def check_url(url: str, allow_private: bool) -> tuple[str, str]:
             if reason:
                 raise UnsafeAddressError(reason)
     return scheme, host
+
+
+def _with_host(url: str, host: str) -> str:
+    """`url` with its host replaced by `host` (userinfo, port, path and query kept)."""
+    parts = urlsplit(url)
+    if parts.hostname == host:
+        return url
+    userinfo, _, _ = parts.netloc.rpartition("@")
+    netloc = (f"{userinfo}@" if userinfo else "") + host + (f":{parts.port}" if parts.port is not None else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def sniff_content(head: bytes) -> str | None:
+    """What the first bytes of a body are: "image" (JPEG/PNG/GIF/WebP), "html", or None."""
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:_SNIFF_BYTES].lower()  # after a UTF-8 BOM / whitespace
+    if text.startswith(_HTML_PREFIXES):
+        return "html"
+    return None
 
 
 def is_opted_out(header_values: list[str], token: str, disallowed: list[str]) -> bool:
@@ -273,7 +340,8 @@ class Downloader:
         try:
             async with asyncio.timeout(cfg.timeout_s):
                 for _hop in range(cfg.max_redirects + 1):
-                    check_url(current, cfg.allow_private_networks)
+                    _, host = check_url(current, cfg.allow_private_networks)
+                    current = _with_host(current, host)
                     async with self._session.get(current, allow_redirects=False, timeout=timeout) as resp:
                         code = resp.status
                         if code in (301, 302, 303, 307, 308):
@@ -301,14 +369,14 @@ class Downloader:
                             tags = "; ".join(resp.headers.getall("X-Robots-Tag", []))
                             raise _Fatal(f"X-Robots-Tag opt-out: {tags}", status=SKIPPED_OPTOUT, http_status=code)
                         ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-                        if ctype.startswith("text/") or ctype in ("application/json", "application/xhtml+xml"):
+                        if ctype in _HTML_TYPES:
                             raise _Fatal(f"unexpected content type {ctype}", http_status=code)
                         length = resp.content_length
                         if length is not None and length > cfg.max_bytes:
                             raise _Fatal(
                                 f"image too large: {length} bytes > max_bytes={cfg.max_bytes}", http_status=code
                             )
-                        data = await _read_capped(resp, cfg.max_bytes)
+                        data = await _read_checked(resp, cfg.max_bytes, ctype, code)
                         return data, current, code
                 raise _Fatal(f"too many redirects (> {cfg.max_redirects})")
         except (_Fatal, _Retryable, UnsafeAddressError):
@@ -333,15 +401,35 @@ class Downloader:
             raise _Fatal(f"{type(exc).__name__}: {_one_line(exc)}") from None
 
 
-async def _read_capped(resp, max_bytes: int) -> bytes:
+def _check_head(head: bytes, ctype: str, code: int) -> None:
+    """Refuse a body by its first bytes: HTML whatever the header says, and text or JSON that
+    does not start like an image. Other declared types (image/*, octet-stream, none) go on to
+    the decoder, which names what is wrong with a non-image."""
+    kind = sniff_content(head)
+    if kind == "html":
+        raise _Fatal(f"unexpected content: an HTML page served as {ctype or 'no content type'}", http_status=code)
+    if kind is None and (ctype.startswith("text/") or ctype == "application/json"):
+        raise _Fatal(f"unexpected content type {ctype}", http_status=code)
+
+
+async def _read_checked(resp, max_bytes: int, ctype: str, code: int) -> bytes:
+    """The body, at most max_bytes, checked by `_check_head` as soon as its first bytes are in,
+    so a refused body costs one chunk (leaving the response unread closes its connection)."""
     chunks = []
     total = 0
+    checked = False
     async for chunk in resp.content.iter_chunked(1 << 16):
         total += len(chunk)
         if total > max_bytes:
             raise _Fatal(f"image too large: more than max_bytes={max_bytes} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not checked and total >= _SNIFF_BYTES:
+            _check_head(b"".join(chunks), ctype, code)
+            checked = True
+    data = b"".join(chunks)
+    if not checked:
+        _check_head(data, ctype, code)
+    return data
 
 
 def _one_line(exc: BaseException) -> str:

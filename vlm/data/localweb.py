@@ -4,7 +4,8 @@
 server running on its own event loop in a daemon thread, so tests, the demo and benchmarks
 can run the downloader against real HTTP: images in several formats, sizes and awkward
 encodings, plus error codes, flaky and rate-limited paths, slow and reset connections,
-redirect chains and loops, wrong content types, truncated / corrupt / empty / oversized
+redirect chains and loops, wrong content types (HTML pages, and real images labelled
+text/plain as mislabelled static hosts serve them), truncated / corrupt / empty / oversized
 bodies, a decompression bomb and X-Robots-Tag opt-outs.
 
 `make_url_rows` / `write_url_list` write URL lists for it, each row carrying the status a
@@ -482,6 +483,8 @@ class LocalWeb:
         app.router.add_get(r"/loop/{side:[ab]}/{rest:.+}", self._loop_route)
         app.router.add_get("/goto", self._goto)
         app.router.add_get(f"/wrongtype/{idx}.jpg", self._wrongtype)
+        app.router.add_get(f"/mislabelled/{idx}.{{ext:[A-Za-z]+}}", self._mislabelled)
+        app.router.add_get(f"/trickle/{idx}.jpg", self._trickle)
         app.router.add_get(f"/truncated/{idx}.jpg", self._truncated)
         app.router.add_get(f"/corrupt/{idx}.jpg", self._corrupt)
         app.router.add_get(f"/empty/{idx}.jpg", self._empty)
@@ -495,6 +498,7 @@ class LocalWeb:
             "/img/{idx}.{jpg|png|webp|gif}?w=W&h=H&s=SEED&v={" + "|".join(VARIANTS) + "}",
             "/status/{code}  /flaky/{n}/{idx}.jpg  /ratelimit/{n}/{idx}.jpg?after=S  /slow/{idx}.jpg",
             "/reset/{idx}.jpg  /redirect/{n}/{idx}.jpg  /loop/a/{idx}  /goto?url=U  /wrongtype/{idx}.jpg",
+            "/mislabelled/{idx}.{jpg|png|webp|gif}?type=T  /trickle/{idx}.jpg?type=T&body={html|text}",
             "/truncated/{idx}.jpg  /corrupt/{idx}.jpg  /empty/{idx}.jpg  /oversized/{idx}.jpg",
             "/bomb/{idx}.png  /optout/{" + "|".join(OPTOUT_HEADERS) + "}/{idx}.jpg",
         ]
@@ -570,6 +574,37 @@ class LocalWeb:
             "<p>Sign up for our newsletter!</p></body></html>"
         )
         return web.Response(text=html, content_type="text/html")
+
+    async def _mislabelled(self, request: web.Request) -> web.Response:
+        """A real image under a wrong Content-Type (`type`, default text/plain)."""
+        ext = _norm_ext(request.match_info["ext"])
+        if ext not in FORMATS:
+            raise web.HTTPNotFound(text=f"unknown format {ext!r}\n")
+        body, _ = await self._image_bytes(request, ext)
+        return web.Response(body=body, headers={"Content-Type": request.query.get("type", "text/plain")})
+
+    async def _trickle(self, request: web.Request) -> web.StreamResponse:
+        """A non-image body labelled `type` (default image/jpeg): its first chunk at once, the rest
+        after slow_delay_s. A client that judges by the first bytes is done long before that."""
+        idx = self._idx(request)
+        kind = request.query.get("body", "html")
+        if kind not in ("html", "text"):
+            raise web.HTTPBadRequest(text=f"body must be html or text, got {kind!r}\n")
+        first = (
+            f"<!DOCTYPE html>\n<html><head><title>Digit #{idx}</title></head><body>\n"
+            if kind == "html"
+            else f"Digit #{idx}: this file moved, see the gallery index for its new address.\n"
+        ).encode()
+        resp = web.StreamResponse(headers={"Content-Type": request.query.get("type", "image/jpeg")})
+        try:
+            await resp.prepare(request)
+            await resp.write(first)
+            await asyncio.sleep(self.slow_delay_s)
+            await resp.write(b"<p>more</p>\n" * 100 if kind == "html" else b"more text\n" * 100)
+            await resp.write_eof()
+        except (ConnectionError, OSError):
+            pass  # the client stopped reading after the first chunk: expected
+        return resp
 
     async def _truncated(self, request: web.Request) -> web.Response:
         body, _ = await self._image_bytes(request, "jpg")

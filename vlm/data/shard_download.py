@@ -18,6 +18,7 @@ from pathlib import Path
 from vlm.data import download as dl
 from vlm.data.images import ImageConfig, ImageError, process_image
 from vlm.data.shards import ShardWriter
+from vlm.data.urls import TRUNCATED_COL
 
 ProgressFn = Callable[[dict], None]  # called with {status: count} increments
 
@@ -27,6 +28,8 @@ def _base_row(item: dict) -> dict:
         "key": item["key"],
         "url": item["url"],
         "caption": item["caption"],
+        # The URL reader cut the caption at input.max_caption_chars; ours, so every shard has it.
+        "caption_truncated": bool((item.get("extra") or {}).get(TRUNCATED_COL, False)),
         "status": None,
         "error_message": None,
         "retryable": False,

@@ -2,6 +2,11 @@
 
 Inputs can be far larger than memory (img2dataset issue 338), so every format is read in
 record batches and yielded as lists of dicts; nothing holds a whole file.
+
+Web-scraped lists carry the odd row that is not UTF-8 (one 0xff byte in a caption). Such a row
+is skipped, counted and reported with its line number; only a file where more than
+`input.max_bad_row_fraction` of the rows are bad is refused. Captions longer than
+`input.max_caption_chars` are cut there and flagged in a `caption_truncated` column.
 """
 
 from __future__ import annotations
@@ -9,15 +14,21 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from vlm.errors import InputError
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
+TRUNCATED_COL = "caption_truncated"  # added to every row's carried columns
+_LINES_SHOWN = 10  # bad-row line numbers named in a warning or error
+_LINES_KEPT = 1000  # bad-row locations a reader keeps for its caller
 
 
 @dataclass
@@ -28,12 +39,36 @@ class InputConfig:
     carry_columns: list[str] | None = None  # extra input columns kept in metadata; null: all
     column_names: list[str] | None = None  # for csv/tsv without a header line (CC3M's tsv)
     batch_rows: int = 8192  # rows per read batch; bounds driver memory
+    # Rows that are not valid UTF-8 are skipped with a warning naming their lines; a file where
+    # more than this fraction of rows is bad is refused (it is likely in another encoding).
+    max_bad_row_fraction: float = 0.01
+    # Longer captions are cut to this many characters (flagged in `caption_truncated`), so one
+    # runaway caption does not land in KEY.txt, KEY.json and the parquet at full size; null: no cap.
+    max_caption_chars: int | None = 4096
 
     def validate(self) -> None:
         if not self.url_col:
             raise ValueError("input.url_col must not be empty")
         if self.batch_rows <= 0:
             raise ValueError("input.batch_rows must be > 0")
+        if not 0.0 <= self.max_bad_row_fraction <= 1.0:
+            raise ValueError(f"input.max_bad_row_fraction must be in [0, 1], got {self.max_bad_row_fraction}")
+        if self.max_caption_chars is not None and self.max_caption_chars <= 0:
+            raise ValueError(f"input.max_caption_chars must be > 0 or null, got {self.max_caption_chars}")
+
+
+@dataclass
+class _FileRows:
+    """What one file's reader has seen: rows kept and the line numbers of rows skipped."""
+
+    rows: int = 0
+    bad_lines: list[int] = field(default_factory=list)
+    bad: int = 0
+
+    def skip(self, line: int) -> None:
+        self.bad += 1
+        if len(self.bad_lines) < _LINES_KEPT:
+            self.bad_lines.append(line)
 
 
 def expand_inputs(spec: str | list[str]) -> list[Path]:
@@ -94,25 +129,68 @@ def file_digest(path: Path) -> dict:
     return {"path": str(Path(path).resolve()), "size": os.stat(path).st_size, "sha256": digest.hexdigest()}
 
 
-def iter_rows(paths: list[Path], cfg: InputConfig) -> Iterator[list[dict]]:
+class RowReader(Iterator[list[dict]]):
+    """Batches of rows {url, caption, extra: {...}} from all input files, in order.
+
+    An iterator (one pass, streaming); as it goes it counts what it skipped and cut:
+    `skipped_rows` (rows that are not valid UTF-8), `skipped_lines` (their (path, line), the
+    first thousand) and `truncated_captions`. Raises InputError at the end of a file whose
+    share of bad rows exceeds `max_bad_row_fraction`.
+    """
+
+    def __init__(self, paths: list[Path], cfg: InputConfig):
+        self.paths = list(paths)
+        self.cfg = cfg
+        self.skipped_rows = 0
+        self.skipped_lines: list[tuple[Path, int]] = []
+        self.truncated_captions = 0
+        self._batches = self._read()
+
+    def __next__(self) -> list[dict]:
+        return next(self._batches)
+
+    def _read(self) -> Iterator[list[dict]]:
+        cfg = self.cfg
+        for path in self.paths:
+            fmt = input_format(path, cfg)
+            seen = _FileRows()
+            first = True
+            for batch in _READERS[fmt](path, cfg, fmt, seen):
+                if first:
+                    _check_columns(path, batch, cfg, fmt)
+                    first = False
+                rows = [_row(r, cfg) for r in batch]
+                self.truncated_captions += sum(r["extra"][TRUNCATED_COL] for r in rows)
+                yield rows
+            self._file_done(path, seen)
+
+    def _file_done(self, path: Path, seen: _FileRows) -> None:
+        if not seen.bad:
+            return
+        self.skipped_rows += seen.bad
+        self.skipped_lines.extend((path, line) for line in seen.bad_lines[: _LINES_KEPT - len(self.skipped_lines)])
+        total = seen.rows + seen.bad
+        lines = ", ".join(map(str, seen.bad_lines[:_LINES_SHOWN])) + (" ..." if seen.bad > _LINES_SHOWN else "")
+        plural = "s" if seen.bad > 1 else ""
+        what = f"{seen.bad} of {total} row{'s' if total != 1 else ''} not valid UTF-8 (line{plural} {lines})"
+        if seen.bad > self.cfg.max_bad_row_fraction * total:
+            raise InputError(
+                f"{path}: {what}, more than input.max_bad_row_fraction={self.cfg.max_bad_row_fraction:g}; "
+                "is the file in another encoding?"
+            )
+        log.warning("%s: skipped %s", path, what)
+
+
+def iter_rows(paths: list[Path], cfg: InputConfig) -> RowReader:
     """Yield batches of rows {url, caption, extra: {...}} from all input files, in order."""
-    for path in paths:
-        fmt = input_format(path, cfg)
-        reader = {"parquet": _parquet, "csv": _csv, "tsv": _csv, "jsonl": _jsonl, "txt": _txt}[fmt]
-        first = True
-        for batch in reader(path, cfg, fmt):
-            if first:
-                _check_columns(path, batch, cfg, fmt)
-                first = False
-            yield [_row(r, cfg) for r in batch]
+    return RowReader(paths, cfg)
 
 
 def check_inputs(paths: list[Path], cfg: InputConfig) -> None:
     """Fail early (before any cluster work) on unreadable files or missing columns."""
     for path in paths:
         fmt = input_format(path, cfg)
-        reader = {"parquet": _parquet, "csv": _csv, "tsv": _csv, "jsonl": _jsonl, "txt": _txt}[fmt]
-        for batch in reader(path, cfg, fmt):
+        for batch in _READERS[fmt](path, cfg, fmt, _FileRows()):
             _check_columns(path, batch, cfg, fmt)
             break
 
@@ -138,14 +216,15 @@ def _row(record: dict, cfg: InputConfig) -> dict:
         extra = {k: v for k, v in record.items() if k not in skip}
     else:
         extra = {k: record.get(k) for k in cfg.carry_columns}
-    return {
-        "url": None if url is None else str(url).strip(),
-        "caption": None if caption is None else str(caption),
-        "extra": extra,
-    }
+    caption = None if caption is None else str(caption)
+    limit = cfg.max_caption_chars
+    extra[TRUNCATED_COL] = caption is not None and limit is not None and len(caption) > limit
+    if extra[TRUNCATED_COL]:
+        caption = caption[:limit]
+    return {"url": None if url is None else str(url).strip(), "caption": caption, "extra": extra}
 
 
-def _parquet(path: Path, cfg: InputConfig, fmt: str) -> Iterator[list[dict]]:
+def _parquet(path: Path, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
     import pyarrow.parquet as pq
 
     try:
@@ -153,16 +232,18 @@ def _parquet(path: Path, cfg: InputConfig, fmt: str) -> Iterator[list[dict]]:
     except Exception as exc:
         raise InputError(f"cannot read parquet {path}: {exc}") from None
     for batch in pf.iter_batches(batch_size=cfg.batch_rows):
+        seen.rows += batch.num_rows
         yield batch.to_pylist()
 
 
-def _csv(path: Path, cfg: InputConfig, fmt: str) -> Iterator[list[dict]]:
+def _csv(path: Path, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     delimiter = "\t" if fmt == "tsv" else ","
-    # Every column as string: type inference per block would give the same column different
-    # types in different batches, and URL lists carry ids that must not become floats.
+    # Every column as bytes, made strings here: type inference per block would give the same
+    # column different types in different batches, URL lists carry ids that must not become
+    # floats, and a string column would fail the whole read on one row's bad byte.
     try:
         names = cfg.column_names
         header = names or pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter)).schema.names
@@ -170,44 +251,93 @@ def _csv(path: Path, cfg: InputConfig, fmt: str) -> Iterator[list[dict]]:
             path,
             read_options=pacsv.ReadOptions(block_size=1 << 22, column_names=names),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in header}),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in header}),
         )
     except Exception as exc:
         raise InputError(f"cannot read {fmt} {path}: {str(exc).splitlines()[0]}") from None
+    line = 1 if names else 2  # the first data row's line
     for batch in reader:
+        batch, line = _utf8_rows(batch, line, seen)
+        seen.rows += batch.num_rows
         yield batch.to_pylist()
 
 
-def _jsonl(path: Path, cfg: InputConfig, fmt: str) -> Iterator[list[dict]]:
-    batch: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def _utf8_rows(batch, line: int, seen: _FileRows):
+    """`batch` with binary columns as strings, minus rows that are not UTF-8 (noted in `seen`).
+
+    Returns the batch and the line number of the next batch's first row. Line numbers count
+    newlines inside quoted values; blank lines the CSV parser drops are not counted.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    newlines = np.zeros(n, dtype=np.int64)
+    bad = np.zeros(n, dtype=bool)
+    for col in batch.columns:
+        newlines += pc.fill_null(pc.count_substring(col, "\n"), 0).to_numpy(zero_copy_only=False)
+        try:
+            col.cast(pa.string())
+        except pa.ArrowInvalid:
+            for i, value in enumerate(col.to_pylist()):
+                if value is not None and not bad[i]:
+                    try:
+                        value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad[i] = True
+    starts = line + np.arange(n) + np.concatenate(([0], np.cumsum(newlines)[:-1]))
+    for i in np.flatnonzero(bad):
+        seen.skip(int(starts[i]))
+    if bad.any():
+        batch = batch.filter(pa.array(~bad))
+    strings = pa.RecordBatch.from_arrays([c.cast(pa.string()) for c in batch.columns], names=batch.schema.names)
+    return strings, line + n + int(newlines.sum())
+
+
+def _text_lines(path: Path, seen: _FileRows) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, skipping (and noting) lines that are not UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{lineno}: each line must be a JSON object")
-            batch.append(record)
-            if len(batch) >= cfg.batch_rows:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                seen.skip(lineno)
 
 
-def _txt(path: Path, cfg: InputConfig, fmt: str) -> Iterator[list[dict]]:
+def _jsonl(path: Path, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
     batch: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            url = line.strip()
-            if not url:
-                continue
-            batch.append({cfg.url_col: url})
-            if len(batch) >= cfg.batch_rows:
-                yield batch
-                batch = []
+    for lineno, line in _text_lines(path, seen):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{lineno}: each line must be a JSON object")
+        batch.append(record)
+        seen.rows += 1
+        if len(batch) >= cfg.batch_rows:
+            yield batch
+            batch = []
     if batch:
         yield batch
+
+
+def _txt(path: Path, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for _lineno, line in _text_lines(path, seen):
+        url = line.strip()
+        if not url:
+            continue
+        batch.append({cfg.url_col: url})
+        seen.rows += 1
+        if len(batch) >= cfg.batch_rows:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+_READERS = {"parquet": _parquet, "csv": _csv, "tsv": _csv, "jsonl": _jsonl, "txt": _txt}
