@@ -36,7 +36,7 @@ DEFAULT_JSON = REPO / "bench" / "results" / "capfilt.json"
 
 
 def digit_batch(n: int, size: int = 64) -> dict[str, np.ndarray]:
-    from vlm.data.digits import caption_for, render_digit, train_indices
+    from vlm.testbed.digits import caption_for, render_digit, train_indices
 
     idx = train_indices()
     jpgs, txts, keys = [], [], []

@@ -1,6 +1,6 @@
 """Ingest throughput: `vlm ingest` against img2dataset on the same URL list.
 
-A local web (`vlm.data.localweb`) runs in its own process and serves a few thousand distinct
+A local web (`vlm.testbed.web`) runs in its own process and serves a few thousand distinct
 images of web-like sizes (256..1024 px, JPEG and PNG 3:1) from a warm in-memory cache. The
 same URL list then goes through
 
@@ -63,23 +63,23 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--cache-mb", type=int, default=2048)
     args = p.parse_args(argv)
 
-    from vlm.data import localweb
+    from vlm.testbed import media, url_lists, web
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    server = localweb.LocalWeb(seed=args.seed)
+    server = web.LocalWeb(seed=args.seed)
     # The default body cache (128 MiB) holds a few hundred of these images; a benchmark needs
     # every body cached so the server never re-renders while a tool is being timed.
-    server._cache = localweb._ByteLRU(max_bytes=args.cache_mb * 2**20)
+    server._cache = media.ByteLRU(max_bytes=args.cache_mb * 2**20)
     server.start()
     try:
-        rows = localweb.make_url_rows(
+        rows = url_lists.make_url_rows(
             server.base_url, args.n, seed=args.seed, failures=False, variants=False, sizes=SIZES, formats=FORMATS
         )
         # Only what both tools read: img2dataset keeps url + caption, vlm would carry the rest.
-        localweb.write_url_list([{"url": r["url"], "caption": r["caption"]} for r in rows], args.urls)
+        url_lists.write_url_list([{"url": r["url"], "caption": r["caption"]} for r in rows], args.urls)
         print(server.base_url, flush=True)
         while not stop.wait(3600):
             pass

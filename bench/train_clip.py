@@ -228,7 +228,7 @@ def _quiet() -> None:
 
 def make_shards(root: Path, samples: int) -> list[Path]:
     """UNIQUE_SAMPLES distinct digit samples, their shards repeated to hold >= `samples`."""
-    from vlm.data.digit_shards import write_digit_shards
+    from vlm.testbed.digit_shards import write_digit_shards
 
     unique_dir = root / "unique"
     unique = write_digit_shards(unique_dir, UNIQUE_SAMPLES, samples_per_shard=SAMPLES_PER_SHARD, image_size=IMAGE_SIZE)

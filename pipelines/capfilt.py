@@ -32,6 +32,7 @@ from vlm.data import shards as sh
 from vlm.data.filtered_shards import input_shards, read_input_shard, write_filtered_shard
 from vlm.errors import InputError
 from vlm.models.blip.config import BlipConfig
+from vlm.tracking import TrackingConfig, tracking_defaults
 
 STAGE = "capfilt"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -54,18 +55,11 @@ class PoolConfig:
 
 
 @dataclass
-class TrackingConfig:
-    experiment: str = "capfilt"
-    run_name: str | None = None
-    gallery_samples: int = 18  # samples in the MLflow gallery (kept and dropped)
-
-
-@dataclass
 class CapfiltConfig:
     blip: BlipConfig = field(default_factory=BlipConfig)
     captioner: PoolConfig = field(default_factory=PoolConfig)
     filter: PoolConfig = field(default_factory=PoolConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=tracking_defaults("capfilt"))
 
 
 # ------------------------------------------------------------------------------------ Ray plumbing
@@ -264,13 +258,9 @@ def _read_parquets(out: Path, shards: list[int]) -> list[dict]:
 
 def score_histogram(rows: list[dict], threshold: float):
     """Original vs synthetic caption scores, the threshold marked; a PIL image."""
-    import matplotlib
+    from vlm import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = plots.figure((6, 3.5))
     bins = [i / 40 for i in range(41)]
     orig = [r["original_score"] for r in rows if r.get("original_score") is not None]
     syn = [r["synthetic_score"] for r in rows if r.get("synthetic_score") is not None]
@@ -287,11 +277,7 @@ def score_histogram(rows: list[dict], threshold: float):
     ax.set_ylabel("samples")
     ax.set_title("CapFilt filter scores")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return plots.to_image(fig)
 
 
 def gallery(out: Path, shards: list[int], limit: int):

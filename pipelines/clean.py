@@ -31,6 +31,7 @@ from vlm.data import cleaning as cl
 from vlm.data import filtered_shards as fs
 from vlm.data import shards as sh
 from vlm.errors import InputError
+from vlm.tracking import TrackingConfig, tracking_defaults
 
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
@@ -45,20 +46,13 @@ class CleanRayConfig:
 
 
 @dataclass
-class CleanTrackingConfig:
-    experiment: str = "clean"
-    run_name: str | None = None
-    dropped_examples: int = 24  # dropped images (with reasons) in the MLflow contact sheet
-
-
-@dataclass
 class CleanConfig:
     steps: list[str] = field(default_factory=lambda: ["basic", "dedup"])  # applied in this order
     basic: cl.BasicConfig = field(default_factory=cl.BasicConfig)
     dedup: cl.DedupConfig = field(default_factory=cl.DedupConfig)
     clipscore: cl.ClipScoreConfig = field(default_factory=cl.ClipScoreConfig)
     ray: CleanRayConfig = field(default_factory=CleanRayConfig)
-    tracking: CleanTrackingConfig = field(default_factory=CleanTrackingConfig)
+    tracking: TrackingConfig = field(default_factory=tracking_defaults("clean"))
 
     def validate(self) -> None:
         for name in self.steps:
@@ -406,7 +400,7 @@ def _log_run(run, out: Path, shards: list[int], cfg: CleanConfig, manifest: dict
         scores, cutoff = _clip_scores(out, shards)
         if scores:
             run.log_image(score_histogram(scores, cutoff), "clipscore_histogram.png")
-    sheet = _dropped_sheet(out, shards, cfg.tracking.dropped_examples)
+    sheet = _dropped_sheet(out, shards, cfg.tracking.gallery_samples)
     if sheet is not None:
         run.log_image(sheet, "dropped_examples.png")
 
@@ -424,15 +418,9 @@ def _clip_scores(out: Path, shards: list[int]) -> tuple[list[float], float | Non
 
 def score_histogram(scores: list[float], cutoff: float | None, bins: int = 50):
     """A PIL image: the CLIP score distribution of the samples that reached the step, and the cutoff."""
-    import io
+    from vlm import plots
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plots.figure((6, 3.5))
     ax.hist(scores, bins=bins, color="#4c72b0")
     if cutoff is not None:
         ax.axvline(cutoff, color="#c44e52", linestyle="--", label=f"cutoff {cutoff:.3f}")
@@ -440,11 +428,7 @@ def score_histogram(scores: list[float], cutoff: float | None, bins: int = 50):
     ax.set_xlabel("CLIP image-text cosine")
     ax.set_ylabel("samples")
     ax.set_title(f"CLIP score ({len(scores)} samples)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return Image.open(io.BytesIO(buf.getvalue()))
+    return plots.to_image(fig)
 
 
 def _dropped_sheet(out: Path, shards: list[int], limit: int):

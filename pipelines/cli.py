@@ -270,7 +270,7 @@ def _cmd_pipeline(args) -> int:
 
 
 def _cmd_web(args) -> int:
-    from vlm.data.localweb import main as web_main
+    from vlm.testbed.web import main as web_main
 
     argv = ["--port", str(args.port), "--n", str(args.n), "--noisy-fraction", str(args.noisy_fraction)]
     if args.write_urls:

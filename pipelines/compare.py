@@ -215,10 +215,7 @@ def _label(run) -> str:
 
 def loss_plot(client, runs: list, path: str | Path, metric: str = LOSS_METRIC) -> Path | None:
     """A PNG of each run's `metric` history against step, one line per run; None if no run has it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from vlm import plots
 
     histories = []
     for run in runs:
@@ -227,7 +224,7 @@ def loss_plot(client, runs: list, path: str | Path, metric: str = LOSS_METRIC) -
             histories.append((run, [p[0] for p in points], [p[2] for p in points]))
     if not histories:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plots.figure((8, 4.5))
     for run, steps, values in histories:
         ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=_label(run))
     from matplotlib.ticker import MaxNLocator
@@ -238,11 +235,8 @@ def loss_plot(client, runs: list, path: str | Path, metric: str = LOSS_METRIC) -
     ax.set_title(f"{metric} by step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    plots.to_png(fig, path)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

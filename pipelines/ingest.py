@@ -29,6 +29,7 @@ from vlm.data.download import DownloadConfig
 from vlm.data.images import ImageConfig
 from vlm.data.urls import InputConfig, check_inputs, expand_inputs, file_digest, iter_rows
 from vlm.errors import InputError
+from vlm.tracking import TrackingConfig, tracking_defaults
 
 WORK_DIR = "_work"
 PLAN_FILE = "plan.json"
@@ -51,20 +52,13 @@ class RayConfig:
 
 
 @dataclass
-class TrackingConfig:
-    experiment: str = "ingest"
-    run_name: str | None = None
-    contact_sheet_samples: int = 24  # images in the MLflow contact sheet
-
-
-@dataclass
 class IngestConfig:
     input: InputConfig = field(default_factory=InputConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=tracking_defaults("ingest"))
 
 
 def content_hash(cfg: IngestConfig) -> str:
@@ -416,7 +410,7 @@ def ingest(
             }
             run.log_metrics(metrics)
             run.log_dict(manifest, "manifest.json")
-            sheet = _contact_sheet(out, n, cfg.tracking.contact_sheet_samples)
+            sheet = _contact_sheet(out, n, cfg.tracking.gallery_samples)
             if sheet is not None:
                 run.log_image(sheet, "contact_sheet.png")
     return manifest | {"run": run_metrics, "where": where}
@@ -455,7 +449,9 @@ def summary_table(manifest: dict) -> str:
     lines.append("-" * 41)
     lines.append(f"{'total':<22}{totals['count']:>10}")
     if totals.get("input_rows_skipped"):
-        lines.append(f"input rows skipped (not UTF-8): {totals['input_rows_skipped']} (lines listed in _work/plan.json)")
+        lines.append(
+            f"input rows skipped (not UTF-8): {totals['input_rows_skipped']} (lines listed in _work/plan.json)"
+        )
     if totals.get("captions_truncated"):
         lines.append(f"captions truncated to input.max_caption_chars: {totals['captions_truncated']}")
     run = manifest.get("run", {})

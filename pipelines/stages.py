@@ -72,7 +72,7 @@ URLS_PARAMS = ("n", "noisy_fraction", "seed", "port", "duplicates", "failures")
 
 def run_urls(input, output, config, overrides, params, address) -> dict:
     """A URL list for the local test web (digits with known noise labels) -> OUTPUT/urls.parquet."""
-    from vlm.data.localweb import make_url_rows, write_url_list
+    from vlm.testbed.url_lists import make_url_rows, write_url_list
 
     _check_params("urls", params, URLS_PARAMS)
     port = int(params.get("port", 8731))
@@ -94,7 +94,7 @@ DIGITS_PARAMS = ("n", "samples_per_shard", "image_size", "noisy_fraction", "seed
 
 def run_digits(input, output, config, overrides, params, address) -> dict:
     """Digit shards written directly (no HTTP): a clean annotated set, or test data."""
-    from vlm.data.digit_shards import write_digit_shards
+    from vlm.testbed.digit_shards import write_digit_shards
 
     _check_params("digits", params, DIGITS_PARAMS)
     n = int(params.get("n", 500))
@@ -119,7 +119,7 @@ def run_ingest(input, output, config, overrides, params, address) -> dict:
     cfg = load_config(IngestConfig, config, overrides)
     web = contextlib.nullcontext()
     if params.get("local_web_port"):
-        from vlm.data.localweb import LocalWeb
+        from vlm.testbed.web import LocalWeb
 
         web = LocalWeb(port=int(params["local_web_port"]), seed=int(params.get("local_web_seed", 0)), slow_delay_s=30)
     with web:

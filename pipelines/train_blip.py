@@ -30,6 +30,7 @@ import numpy as np
 from pipelines import training
 from vlm.config import write_config
 from vlm.models.blip.config import BlipConfig
+from vlm.tracking import TrackingConfig, tracking_defaults
 from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig, deepspeed_config
 
 Task = Literal["captioner", "filter"]
@@ -83,12 +84,6 @@ class BlipEvalConfig:
 
 
 @dataclass
-class TrackingConfig:
-    experiment: str = "train-blip"
-    run_name: str | None = None
-
-
-@dataclass
 class TrainBlipConfig:
     task: Task = "captioner"  # set by `vlm train blip --task`
     # Model, generation (used by the captioner eval, as CapFilt uses it) and filter threshold. Training
@@ -102,7 +97,7 @@ class TrainBlipConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     train: LoopConfig = field(default_factory=lambda: LoopConfig(global_batch_size=32))
     eval: BlipEvalConfig = field(default_factory=BlipEvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=tracking_defaults("train-blip"))
 
 
 def checkpoint_of(task: Task, blip: BlipConfig) -> str | None:
@@ -313,7 +308,7 @@ def evaluate_captioner(export_dir, blip: BlipConfig, eval_cfg: BlipEvalConfig, r
 
 def noisy_caption_sets(labels: list[int], seed: int = 0) -> list[tuple[str, str, str]]:
     """(correct, wrong-digit, spam) captions per label, from the same generators as the demo's web."""
-    from vlm.data.digits import caption_for, noisy_caption_for
+    from vlm.testbed.digits import caption_for, noisy_caption_for
 
     rng = random.Random(seed)
     # noisy_caption_for draws a wrong digit or spam; spam is whatever is no clean caption of any digit.
@@ -359,15 +354,9 @@ def best_threshold(scores: np.ndarray) -> float:
 
 def score_histogram(scores: np.ndarray, threshold: float, title: str):
     """A PIL image: score histograms of correct, wrong-digit and spam captions, threshold marked."""
-    import io
+    from vlm import plots
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plots.figure((6.5, 4))
     lo, hi = min(0.0, float(scores.min())), max(1.0, float(scores.max()))
     bins = np.linspace(lo, hi, 41)
     for col, name, color in ((0, "correct", "tab:green"), (1, "wrong digit", "tab:orange"), (2, "spam", "tab:red")):
@@ -377,11 +366,7 @@ def score_histogram(scores: np.ndarray, threshold: float, title: str):
     ax.set_ylabel("captions")
     ax.set_title(title, fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return Image.open(io.BytesIO(buf.getvalue()))
+    return plots.to_image(fig)
 
 
 def evaluate_filter(export_dir, blip: BlipConfig, eval_cfg: BlipEvalConfig, run=None) -> dict:

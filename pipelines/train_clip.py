@@ -14,6 +14,7 @@ from pipelines import training
 from vlm.config import write_config
 from vlm.data.clip_data import ClipDataConfig
 from vlm.models.clip.build import CLIPModelConfig
+from vlm.tracking import TrackingConfig, tracking_defaults
 from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig, deepspeed_config
 
 
@@ -32,12 +33,6 @@ class ClipEvalConfig:
 
 
 @dataclass
-class TrackingConfig:
-    experiment: str = "train-clip"
-    run_name: str | None = None
-
-
-@dataclass
 class TrainClipConfig:
     model: CLIPModelConfig = field(default_factory=CLIPModelConfig)
     data: ClipDataConfig = field(default_factory=ClipDataConfig)
@@ -47,7 +42,7 @@ class TrainClipConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: ClipEvalConfig = field(default_factory=ClipEvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=tracking_defaults("train-clip"))
 
 
 def clip_dataset(shards: list[str], preset: str, image_size: int, data_cfg):

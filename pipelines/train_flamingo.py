@@ -21,6 +21,7 @@ from pipelines import training
 from vlm.config import to_dict, write_config
 from vlm.data.flamingo_data import FlamingoDataConfig
 from vlm.errors import ConfigError, InputError
+from vlm.tracking import TrackingConfig, tracking_defaults
 from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig, deepspeed_config
 
 
@@ -49,12 +50,6 @@ class LMPretrainConfig:
 
 
 @dataclass
-class TrackingConfig:
-    experiment: str = "train-flamingo"
-    run_name: str | None = None
-
-
-@dataclass
 class TrainFlamingoConfig:
     model_preset: str = "tiny"  # a vlm.models.flamingo.config.FLAMINGO_PRESETS name
     # The frozen vision encoder: a `vlm train clip` export dir (its architecture is used) or an open_clip
@@ -69,7 +64,7 @@ class TrainFlamingoConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     train: LoopConfig = field(default_factory=lambda: LoopConfig(global_batch_size=8))  # sequences per step
     eval: FlamingoEvalConfig = field(default_factory=FlamingoEvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=tracking_defaults("train-flamingo"))
 
 
 def model_config(cfg: TrainFlamingoConfig):

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def web():
     """The local test web on 127.0.0.1 (digits + every failure kind)."""
-    from vlm.data.localweb import LocalWeb
+    from vlm.testbed.web import LocalWeb
 
     with LocalWeb(slow_delay_s=5.0) as server:
         yield server

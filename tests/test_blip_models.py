@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from vlm.data.digits import render_digit
 from vlm.models.blip.build import build_captioner, build_filter, export_pretrained
 from vlm.models.blip.captioner import Captioner, Filter, strip_prompt
 from vlm.models.blip.config import BlipConfig
@@ -26,6 +25,7 @@ from vlm.models.scalars import (
     restore_scalar_state_dict,
     scalar_param_names,
 )
+from vlm.testbed.digits import render_digit
 
 BACKENDS = ["blip", "blip2"]
 PROMPT = "a picture of"

@@ -15,8 +15,8 @@ import pytest
 from pipelines.capfilt import CapfiltConfig, capfilt, filter_quality
 from vlm.config import load_config
 from vlm.data import shards as sh
-from vlm.data.digit_shards import write_digit_shards
 from vlm.errors import InputError
+from vlm.testbed.digit_shards import write_digit_shards
 
 pytestmark = pytest.mark.slow
 

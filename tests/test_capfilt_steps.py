@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from vlm.data.capfilt import CaptionerStep, FilterStep, choose_captions
-from vlm.data.digits import render_digit
 from vlm.errors import ConfigError
+from vlm.testbed.digits import render_digit
 
 STEP_CFG = {"device": "cpu", "num_captions": 2, "min_length": 2, "max_length": 6}
 

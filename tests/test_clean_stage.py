@@ -14,8 +14,8 @@ from pipelines.clean import PLAN_DIR, PLAN_FILE, CleanConfig, clean
 from vlm.config import load_config
 from vlm.data import filtered_shards as fs
 from vlm.data import shards as sh
-from vlm.data.digit_shards import write_digit_shards
 from vlm.errors import ConfigError, InputError
+from vlm.testbed.digit_shards import write_digit_shards
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from vlm.data import cleaning as cl
-from vlm.data.digits import caption_for, render_digit, train_indices
 from vlm.data.images import ImageConfig, process_image
+from vlm.testbed.digits import caption_for, render_digit, train_indices
 
 SIZES = [(256, 256), (512, 384), (1024, 768), (300, 900)]
 

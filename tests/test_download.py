@@ -225,9 +225,9 @@ def test_long_caption_is_capped_in_the_shard(web, tmp_path):
     import pyarrow.parquet as pq
 
     from vlm.data.images import ImageConfig
-    from vlm.data.localweb import write_url_list
     from vlm.data.shard_download import download_shard
     from vlm.data.urls import InputConfig, iter_rows
+    from vlm.testbed.url_lists import write_url_list
 
     urls = [f"{web.base_url}/img/{i}.jpg?w=32&h=32" for i in (1, 2)]
     path = write_url_list(

@@ -9,8 +9,8 @@ import pytest
 
 from vlm.data import filtered_shards as fs
 from vlm.data import shards as sh
-from vlm.data.digit_shards import write_digit_shards
 from vlm.errors import InputError
+from vlm.testbed.digit_shards import write_digit_shards
 
 
 @pytest.fixture(scope="module")

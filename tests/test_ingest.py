@@ -17,7 +17,7 @@ import pytest
 from pipelines.ingest import IngestConfig, ingest
 from vlm.config import load_config
 from vlm.data import shards as sh
-from vlm.data.localweb import make_url_rows, write_url_list
+from vlm.testbed.url_lists import make_url_rows, write_url_list
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ FAST = [
     "download.retries=1",
     "download.backoff_base_s=0.02",
     "image.image_size=64",
-    "tracking.contact_sheet_samples=8",
+    "tracking.gallery_samples=8",
 ]
 
 

@@ -20,15 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from vlm.data import digits
-from vlm.data.localweb import (
-    FAILURE_KINDS,
-    OVERSIZED_BYTES,
-    VARIANTS,
-    LocalWeb,
-    make_url_rows,
-    write_url_list,
-)
+from vlm.testbed import digits
+from vlm.testbed.media import FAILURE_KINDS, OVERSIZED_BYTES, VARIANTS
+from vlm.testbed.url_lists import make_url_rows, write_url_list
+from vlm.testbed.web import LocalWeb
 
 TIMEOUT = 10
 

@@ -12,10 +12,10 @@ import pytest
 
 from pipelines.train_blip import TrainBlipConfig, auc, noise_detection, noisy_caption_sets, train_blip
 from vlm.config import load_config
-from vlm.data.digit_shards import write_digit_shards
 from vlm.models.blip.build import build_captioner, build_filter
 from vlm.models.blip.captioner import Captioner, Filter
 from vlm.models.blip.config import BlipConfig
+from vlm.testbed.digit_shards import write_digit_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_blip2_backend_trains_and_reloads(tmp_path, digit_shards, ray_local, mlf
 
 
 def _digit(index: int):
-    from vlm.data.digits import render_digit
+    from vlm.testbed.digits import render_digit
 
     return render_digit(index, 64, 64)
 

@@ -16,7 +16,7 @@ import torch
 
 from pipelines.train_clip import TrainClipConfig, train_clip
 from vlm.config import load_config
-from vlm.data.digit_shards import write_digit_shards
+from vlm.testbed.digit_shards import write_digit_shards
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,6 @@ import torch
 
 from pipelines.train_flamingo import TrainFlamingoConfig, train_flamingo
 from vlm.config import load_config
-from vlm.data.digit_shards import write_digit_shards
 from vlm.data.flamingo_data import (
     FlamingoDataConfig,
     FlamingoPreprocess,
@@ -28,6 +27,7 @@ from vlm.data.flamingo_data import (
     flamingo_tokenizer,
 )
 from vlm.errors import InputError
+from vlm.testbed.digit_shards import write_digit_shards
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,10 +252,10 @@ def test_text_lm_pretraining_writes_an_lm_flamingo_loads(tmp_path):
     """Caption-text pretraining lowers the LM loss and writes a model + tokenizer dir that Flamingo builds from."""
     import dataclasses
 
-    from vlm.data.digits import caption_for
     from vlm.models.flamingo import build_flamingo, flamingo_preset
     from vlm.models.flamingo.build import build_lm, build_tokenizer
     from vlm.models.flamingo.text_lm import TextLMTraining, is_done, pair_text, pretrain_text_lm
+    from vlm.testbed.digits import caption_for
 
     cfg = flamingo_preset("tiny")
     torch.manual_seed(0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vlm.data.localweb import write_url_list
 from vlm.data.urls import InputConfig, check_inputs, expand_inputs, iter_rows
 from vlm.errors import InputError
+from vlm.testbed.url_lists import write_url_list
 
 ROWS = [{"url": f"http://example.com/{i}.jpg", "caption": f"caption {i}", "label": i} for i in range(7)]
 

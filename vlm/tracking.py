@@ -13,8 +13,9 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,20 @@ ENV_PARENT = "VLM_MLFLOW_PARENT_RUN_ID"
 ENV_EXPERIMENT = "VLM_MLFLOW_EXPERIMENT"
 ENV_RUN_NAME = "VLM_MLFLOW_RUN_NAME"
 ENV_TAGS = "VLM_MLFLOW_TAGS"  # JSON object
+
+
+@dataclass
+class TrackingConfig:
+    """The `tracking:` section every stage and trainer has."""
+
+    experiment: str = "vlm"  # MLflow experiment (a pipeline run puts its stages in its own)
+    run_name: str | None = None  # null: the stage's name and output directory
+    gallery_samples: int = 24  # images in the run's MLflow gallery / contact sheet (0: none)
+
+
+def tracking_defaults(experiment: str) -> Callable[[], TrackingConfig]:
+    """A `default_factory` for a stage's `tracking` section with its own experiment name."""
+    return lambda: TrackingConfig(experiment=experiment)
 
 
 def tracking_uri() -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vlm.data.digits import DIGIT_NAMES, caption_for, heldout_indices, load_digit_images, render_digit
+from vlm.testbed.digits import DIGIT_NAMES, caption_for, heldout_indices, load_digit_images, render_digit
 
 DIGIT_TEMPLATES = [
     "a handwritten digit {}.",
@@ -118,15 +118,9 @@ def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=(1, 5, 10)) -> dic
 
 def confusion_plot(confusion: np.ndarray, classnames: list[str], title: str = "zero-shot confusion"):
     """A PIL image of the confusion matrix (rows: true, columns: predicted)."""
-    import io
+    from vlm import plots
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = plots.figure((5.5, 5))
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(classnames)), classnames, rotation=45, ha="right")
     ax.set_yticks(range(len(classnames)), classnames)
@@ -139,8 +133,4 @@ def confusion_plot(confusion: np.ndarray, classnames: list[str], title: str = "z
     ax.set_title(f"{title} (top-1 {100 * acc:.1f}%)")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return Image.open(io.BytesIO(buf.getvalue()))
+    return plots.to_image(fig)

@@ -25,10 +25,10 @@ import re
 
 import torch
 
-from vlm.data.digits import DIGIT_NAMES
 from vlm.data.flamingo_data import pil_pixels
 from vlm.models.flamingo.build import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from vlm.models.flamingo.generate import generate
+from vlm.testbed.digits import DIGIT_NAMES
 
 # The CLIP zero-shot templates (vlm.models.clip.zeroshot.DIGIT_TEMPLATES), without their final period,
 # which training captions do not have.

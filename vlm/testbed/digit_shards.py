@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 from vlm.data import shards as sh
-from vlm.data.digits import caption_for, load_digit_images, noisy_caption_for, render_digit, train_indices
 from vlm.data.images import ImageConfig, process_image
+from vlm.testbed.digits import caption_for, load_digit_images, noisy_caption_for, render_digit, train_indices
 
 
 def write_digit_shards(
