@@ -1,6 +1,7 @@
 """Connecting to Ray: a local Ray started by the command, or a cluster by address.
 
-Embedded default: `ray.init()` starts a local instance sized from the machine. `RAY_ADDRESS`
+Embedded default: `ray.init()` starts a local instance sized from the machine, listening on
+127.0.0.1 only. `RAY_ADDRESS`
 (or `--address`) connects to a running cluster instead; an unreachable address fails fast
 with a one-line `ClusterError` rather than hanging.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from vlm.errors import ClusterError
 
@@ -28,6 +31,36 @@ def _configure_ray_data() -> None:
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled" notice
+
+
+# Ray's switch for "this node is a laptop, not a cluster member" (its default on macOS and
+# Windows): the node's address is the loopback one, and every server Ray starts (GCS, raylet,
+# object manager, workers, dashboard and runtime-env agents) binds it. Off by default on Linux,
+# where those bind all interfaces and the node's LAN address.
+_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Start a local Ray that listens on 127.0.0.1 only (nothing a neighbour on the network sees).
+
+    The processes Ray spawns read the switch from their environment; this driver's own copy of it
+    was read when ray was imported, so it is set for the start-up too, then both are restored
+    (later `ray start` subprocesses, e.g. a cluster a test starts, are unaffected).
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_LOOPBACK_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOOPBACK_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_LOOPBACK_SWITCH, None)
+        else:
+            os.environ[_LOOPBACK_SWITCH] = saved_env
 
 
 def _reachable(address: str, timeout_s: float = 3.0) -> bool:
@@ -80,14 +113,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
             # not preempt the workers.
             num_cpus = max(4, 2 * (os.cpu_count() or 1))
         # The dashboard serves the State API that Ray Train's controller polls (and, later,
-        # job submission); bound to loopback only.
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
+        # job submission); bound to loopback only, as is every other server of a local Ray.
+        with _loopback_only():
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+            )
         _started_here = True
         where = f"local ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     _configure_ray_data()
