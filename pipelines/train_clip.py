@@ -1,21 +1,19 @@
 """`vlm train clip`: contrastive pretraining of open_clip CLIP on Ray Train + DeepSpeed ZeRO.
 
-parse -> build (config, Ray Data pipeline, TorchTrainer) -> train -> close. The per-worker loop
-is `vlm.train.loop.train_worker`; this module supplies the CLIP task and wires it to Ray.
+This module supplies the CLIP task (dataset, model, loss, export, eval); the driver is
+`pipelines.training.run` and the per-worker loop `vlm.train.loop.train_worker`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import training
-from vlm.config import write_config
 from vlm.data.clip_data import ClipDataConfig
 from vlm.models.clip.build import CLIPModelConfig
 from vlm.tracking import TrackingConfig, tracking_defaults
-from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig, deepspeed_config
+from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig
 
 
 @dataclass
@@ -45,22 +43,35 @@ class TrainClipConfig:
     tracking: TrackingConfig = field(default_factory=tracking_defaults("train-clip"))
 
 
-def clip_dataset(shards: list[str], preset: str, image_size: int, data_cfg):
+def clip_dataset(shards: list[str], preset: str, image_size: int, data_cfg, skips=None):
     """The training dataset: raw WebDataset rows -> ClipPreprocess'd {"image", "text"} batches."""
     import ray.data
 
     from vlm.data.clip_data import ClipPreprocess
 
     ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if data_cfg.shuffle_files else None)
-    transform = ClipPreprocess(preset, image_size, data_cfg)
+    transform = ClipPreprocess(preset, image_size, data_cfg, skips)
     return ds.map_batches(transform, batch_size=data_cfg.decode_batch_size, batch_format="numpy")
 
 
-class ClipTask:
-    """The CLIP `TrainTask`: open_clip model, global-batch contrastive loss, export, eval."""
+class ClipTask(training.Task):
+    """The CLIP task: open_clip model, global-batch contrastive loss, export, eval."""
 
-    def __init__(self, cfg: TrainClipConfig):
-        self.cfg = cfg
+    kind = "clip"
+    stage = "train-clip"
+    cfg: TrainClipConfig
+
+    def check(self) -> None:
+        from vlm.models.clip.build import model_config
+
+        size = model_config(self.cfg.model.preset)["vision_cfg"]["image_size"]  # unknown preset: ConfigError
+        self.image_size = size[0] if isinstance(size, (list, tuple)) else size
+
+    def run_name(self, out: Path) -> str:
+        return f"clip-{self.cfg.model.preset}-{out.name}"
+
+    def dataset(self, shards, skips):
+        return clip_dataset(shards, self.cfg.model.preset, self.image_size, self.cfg.data, skips)
 
     def build_model(self):
         from vlm.models.clip.build import build_clip
@@ -74,9 +85,9 @@ class ClipTask:
 
         images = normalize(batch["image"].to(dist.device), dist.dtype)  # uint8 over the wire
         text = batch["text"].to(dist.device)
-        image_f, text_f, scale = model(images, text)
-        scale = scale.clamp(max=self.cfg.loss.max_logit_scale)
-        return clip_loss(
+        image_f, text_f, logit_scale = model(images, text)  # logit_scale: exp of the learned temperature
+        scale = logit_scale.clamp(max=self.cfg.loss.max_logit_scale)
+        out = clip_loss(
             image_f.float(),
             text_f.float(),
             scale.float(),
@@ -85,6 +96,7 @@ class ClipTask:
             local_loss=self.cfg.loss.local_loss,
             gather_with_grad=self.cfg.loss.gather_with_grad,
         )
+        return {**out, "logit_scale": logit_scale.detach().float().reshape(-1)[0]}
 
     def export(self, state_dict, out_dir):
         from vlm.models.clip.build import export_clip, model_config
@@ -115,13 +127,6 @@ def evaluate_export(export_dir, eval_cfg: ClipEvalConfig, run=None) -> dict:
     return result["metrics"]
 
 
-def _clip_worker(config: dict) -> None:
-    from vlm.train.loop import train_worker
-
-    cfg = config["cfg"]
-    train_worker(lambda: ClipTask(cfg), config["spec"])
-
-
 def train_clip(
     data: str,
     output: str | Path,
@@ -131,44 +136,5 @@ def train_clip(
     address: str | None = None,
     parent_run_id: str | None = None,
 ) -> dict:
-    """Run CLIP training; returns {"eval": metrics, "mlflow_run_id", "export", "steps"}."""
-
-    from vlm import tracking
-    from vlm.models.clip.build import model_config
-    from vlm.runtime import init_ray
-    from vlm.train.config import micro_batch_size
-
-    shards = training.find_shards(data)
-    mcfg = model_config(cfg.model.preset)
-    micro = micro_batch_size(cfg.train, cfg.scaling.num_workers)
-    out = Path(output).resolve()
-    previous = training.previous_run(out, resume)
-    ds_config = deepspeed_config(
-        cfg.optim, cfg.deepspeed, cfg.train, cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
-    )
-
-    init_ray(address, num_cpus=training.local_cpus(cfg.scaling))
-    training.check_data_headroom(cfg.scaling)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.yaml")
-    (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
-    run_name = training.ray_run_name(previous, "clip")
-
-    with tracking.start_run(
-        cfg.tracking.experiment,
-        cfg.tracking.run_name or f"clip-{cfg.model.preset}-{out.name}",
-        tags={"stage": "train-clip", "output": str(out), "data": data},
-        run_id=previous.get("mlflow_run_id") if previous else None,
-        parent_run_id=parent_run_id,
-    ) as run:
-        run_id = run.run_id if run else None
-        training.write_state(out, run_name, run_id, shards)
-        if run and not previous:
-            training.log_setup(run, cfg, ds_config, {"data.num_shards": len(shards), "micro_batch_size": micro})
-
-        size = mcfg["vision_cfg"]["image_size"]
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        ds = clip_dataset(shards, cfg.model.preset, size, cfg.data)
-
-        spec = training.loop_spec(cfg, ds_config, micro, out, run_id)
-        return training.fit(_clip_worker, {"cfg": cfg, "spec": spec}, cfg, out, run_name, ds, run)
+    """Run CLIP training; returns {"eval": metrics, "mlflow_run_id", "export", "steps", ...}."""
+    return training.run(ClipTask(cfg), cfg, data, output, resume=resume, address=address, parent_run_id=parent_run_id)

@@ -1,14 +1,14 @@
 """`vlm train flamingo`: Flamingo on image-text shards, on Ray Train + DeepSpeed ZeRO (3 by default).
 
-parse -> build (config, Ray Data pipeline, TorchTrainer) -> train -> close, as `train_clip`. The
-per-worker loop is `vlm.train.loop.train_worker`; this module supplies the Flamingo task: a frozen CLIP
-vision encoder (from `vlm train clip`'s export), Perceiver Resampler and gated cross-attention trained
-into a frozen causal LM (Alayrac et al. 2022), on image-text pairs packed into interleaved sequences
-(`vlm.data.flamingo_data`), evaluated by few-shot captioning of held-out digits.
+The driver is `pipelines.training.run`, the per-worker loop `vlm.train.loop.train_worker`; this module
+supplies the Flamingo task: a frozen CLIP vision encoder (from `vlm train clip`'s export), Perceiver
+Resampler and gated cross-attention trained into a frozen causal LM (Alayrac et al. 2022), on image-text
+pairs packed into interleaved sequences (`vlm.data.flamingo_data`), evaluated by few-shot captioning of
+held-out digits.
 
-A config-built LM is random; with `lm_pretrain.steps > 0` the driver first pretrains it on the shards'
-caption text (`vlm.models.flamingo.text_lm`, into OUTPUT/lm, reused on resume) and Flamingo freezes that,
-as the paper freezes its pretrained LM. An LM given by `model.lm_name_or_path` is used as it is.
+A config-built LM is random; with `lm_pretrain.steps > 0` the task's `prepare` first pretrains it on the
+shards' caption text (`vlm.models.flamingo.text_lm`, into OUTPUT/lm, reused on resume) and Flamingo
+freezes that, as the paper freezes its pretrained LM. An LM given by `model.lm_name_or_path` is used as it is.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import training
-from vlm.config import to_dict, write_config
-from vlm.data.flamingo_data import FlamingoDataConfig
+from vlm.config import to_dict
+from vlm.data.flamingo_data import FlamingoDataConfig, FlamingoPreprocess
 from vlm.errors import ConfigError, InputError
 from vlm.tracking import TrackingConfig, tracking_defaults
-from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig, deepspeed_config
+from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingConfig
 
 
 @dataclass
@@ -70,6 +70,7 @@ class TrainFlamingoConfig:
 def model_config(cfg: TrainFlamingoConfig):
     """The resolved FlamingoConfig: preset + overrides + vision checkpoint. One-line errors for bad input."""
     from vlm.models.clip.build import EXPORT_CONFIG, EXPORT_WEIGHTS
+    from vlm.models.flamingo.build import check_lm
     from vlm.models.flamingo.config import FLAMINGO_PRESETS, flamingo_preset
 
     overrides = dict(cfg.model)
@@ -99,6 +100,7 @@ def model_config(cfg: TrainFlamingoConfig):
             f"eval.shots up to {max(cfg.eval.shots)} need {max(cfg.eval.shots) + 1} images per prompt but "
             f"model.max_num_media={mcfg.max_num_media}"
         )
+    check_lm(mcfg)  # an LM Flamingo cannot wrap fails here in one line, not in every worker
     return mcfg
 
 
@@ -172,12 +174,41 @@ def pretrain_lm(shards: list[str], out: Path, cfg: TrainFlamingoConfig, mcfg) ->
     return dataclasses.replace(mcfg, lm_name_or_path=str(lm_dir)), metrics
 
 
-class FlamingoTask:
-    """The Flamingo `TrainTask`: frozen vision + LM, trained resampler / cross-attention / new token rows."""
+class FlamingoTask(training.Task):
+    """The Flamingo task: frozen vision + LM, trained resampler / cross-attention / new token rows."""
 
-    def __init__(self, cfg: TrainFlamingoConfig, model_cfg):
-        self.cfg = cfg
-        self.model_cfg = model_cfg
+    kind = "flamingo"
+    stage = "train-flamingo"
+    cfg: TrainFlamingoConfig
+
+    def check(self) -> None:
+        self.model_cfg = model_config(self.cfg)
+        check_vision_checkpoint(self.model_cfg)
+        self.image_size = vision_image_size(self.model_cfg)
+
+    def run_name(self, out: Path) -> str:
+        return f"flamingo-{self.cfg.model_preset}-{out.name}"
+
+    def prepare(self, shards, out) -> dict:
+        self.model_cfg, metrics = pretrain_lm(shards, out, self.cfg, self.model_cfg)
+        return metrics
+
+    def params(self) -> dict:
+        return {"image_size": self.image_size}
+
+    def files(self) -> dict:
+        return {"model_config.json": to_dict(self.model_cfg)}
+
+    def dataset(self, shards, skips):
+        import ray.data
+
+        ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if self.cfg.data.shuffle_files else None)
+        # Packing happens within a batch: whole sequences' worth of pairs per batch.
+        return ds.map_batches(
+            FlamingoPreprocess(self.model_cfg.lm_name_or_path, self.image_size, self.cfg.data, skips),
+            batch_size=self.cfg.data.images_per_sequence * 8,
+            batch_format="numpy",
+        )
 
     def build_model(self):
         from vlm.data.flamingo_data import flamingo_tokenizer
@@ -267,13 +298,6 @@ def evaluate_export(export_dir, cfg: TrainFlamingoConfig, run=None) -> dict:
     return metrics
 
 
-def _flamingo_worker(config: dict) -> None:
-    from vlm.train.loop import train_worker
-
-    cfg, mcfg = config["cfg"], config["model_cfg"]
-    train_worker(lambda: FlamingoTask(cfg, mcfg), config["spec"])
-
-
 def train_flamingo(
     data: str,
     output: str | Path,
@@ -283,61 +307,6 @@ def train_flamingo(
     address: str | None = None,
     parent_run_id: str | None = None,
 ) -> dict:
-    """Run Flamingo training; returns {"eval": metrics, "mlflow_run_id", "export", "steps", "checkpoint"}."""
-    import ray
-    import ray.data
-
-    from vlm import tracking
-    from vlm.data.flamingo_data import FlamingoPreprocess
-    from vlm.runtime import init_ray
-    from vlm.train.config import micro_batch_size
-
-    shards = training.find_shards(data)
-    mcfg = model_config(cfg)
-    check_vision_checkpoint(mcfg)
-    size = vision_image_size(mcfg)
-    micro = micro_batch_size(cfg.train, cfg.scaling.num_workers)
-    out = Path(output).resolve()
-    previous = training.previous_run(out, resume)
-    ds_config = deepspeed_config(
-        cfg.optim, cfg.deepspeed, cfg.train, cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
-    )
-
-    init_ray(address, num_cpus=training.local_cpus(cfg.scaling))
-    training.check_data_headroom(cfg.scaling)
-    out.mkdir(parents=True, exist_ok=True)
-    mcfg, lm_metrics = pretrain_lm(shards, out, cfg, mcfg)
-    write_config(cfg, out / "config.yaml")
-    (out / "model_config.json").write_text(json.dumps(to_dict(mcfg), indent=2))
-    (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
-    run_name = training.ray_run_name(previous, "flamingo")
-
-    with tracking.start_run(
-        cfg.tracking.experiment,
-        cfg.tracking.run_name or f"flamingo-{cfg.model_preset}-{out.name}",
-        tags={"stage": "train-flamingo", "output": str(out), "data": data},
-        run_id=previous.get("mlflow_run_id") if previous else None,
-        parent_run_id=parent_run_id,
-    ) as run:
-        run_id = run.run_id if run else None
-        training.write_state(out, run_name, run_id, shards)
-        if run and not previous:
-            training.log_setup(
-                run, cfg, ds_config, {"data.num_shards": len(shards), "micro_batch_size": micro, "image_size": size}
-            )
-            run.log_dict(to_dict(mcfg), "model_config.json")
-        if run and lm_metrics:
-            run.log_metrics(lm_metrics)
-
-        ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if cfg.data.shuffle_files else None)
-        # Packing happens within a batch: whole sequences' worth of pairs per batch.
-        ds = ds.map_batches(
-            FlamingoPreprocess(mcfg.lm_name_or_path, size, cfg.data),
-            batch_size=cfg.data.images_per_sequence * 8,
-            batch_format="numpy",
-        )
-
-        spec = training.loop_spec(cfg, ds_config, micro, out, run_id)
-        return training.fit(
-            _flamingo_worker, {"cfg": cfg, "model_cfg": mcfg, "spec": spec}, cfg, out, run_name, ds, run
-        )
+    """Run Flamingo training; returns {"eval": metrics, "mlflow_run_id", "export", "steps", "checkpoint", ...}."""
+    task = FlamingoTask(cfg)
+    return training.run(task, cfg, data, output, resume=resume, address=address, parent_run_id=parent_run_id)

@@ -1,22 +1,175 @@
-"""Driver-side plumbing shared by every `vlm train ...`: shards, run state, TorchTrainer, results.
+"""The one driver behind every `vlm train ...`: `run(task, cfg, data, output, ...)`.
 
-A trainer module supplies its task, config and Ray Data pipeline; this module owns what is the
-same for all of them: finding shards, the `train_state.json` that makes `--resume` reopen the
-same Ray run and MLflow run, the CPU headroom check, and building/fitting the `TorchTrainer`.
+A trainer module supplies a `Task` (what is trained: its dataset, model, loss, export, eval, and an
+optional `prepare`) and its config; this module owns what is the same for all of them, in
+torchtitan's parse -> build -> train -> close order: the output and shard checks (before Ray
+starts, so bad input costs seconds and leaves nothing written), the DeepSpeed dict, Ray, the
+`train_state.json` that makes `--resume` reopen the same Ray run and MLflow run, the MLflow run,
+the skipped-sample counter, the `TorchTrainer`, and the result. The per-worker loop is
+`vlm.train.loop.train_worker`, run by the one worker function `_worker`.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from vlm.errors import ClusterError, InputError
 
 STATE_FILE = "train_state.json"
+
+
+class Task:
+    """A trainer's task: built in the driver from its config, pickled to every worker.
+
+    Driver side: `kind` names Ray runs ("clip" -> clip-20260101-120000), `stage` is the MLflow stage
+    tag; `check`, `prepare`, `dataset`, `params`, `files`, `run_name`, `min_samples`. Worker side, the
+    `vlm.train.loop.TrainTask` protocol: `build_model`, `loss`, `export`, `evaluate`.
+    """
+
+    kind: str = "train"
+    stage: str = "train"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def check(self) -> None:
+        """One-line errors for bad input the task can see before Ray starts (checkpoints, configs)."""
+
+    def run_name(self, out: Path) -> str:
+        """The MLflow run name when `tracking.run_name` is not set."""
+        return f"{self.kind}-{out.name}"
+
+    def min_samples(self) -> int:
+        """Samples the shards must hold for every worker to get a batch (one global batch by default)."""
+        return self.cfg.train.global_batch_size
+
+    def prepare(self, shards: list[str], out: Path) -> dict:
+        """Work before training, in the driver, with Ray up (Flamingo: pretrain its LM); returns metrics."""
+        return {}
+
+    def params(self) -> dict:
+        """Extra MLflow params of a new run."""
+        return {}
+
+    def files(self) -> dict[str, dict]:
+        """JSON files written beside config.yaml (and logged with a new run), by name."""
+        return {}
+
+    def dataset(self, shards: list[str], skips):
+        """The Ray Data training dataset; its preprocessor reports undecodable rows to `skips`."""
+        raise NotImplementedError
+
+
+def run(task: Task, cfg, data: str, output, *, resume=False, address=None, parent_run_id=None) -> dict:
+    """Train `task` on the shards at `data` into `output`.
+
+    Returns {"eval", "mlflow_run_id", "export", "steps", "checkpoint", "samples_skipped"}.
+    """
+    from vlm import tracking
+    from vlm.config import write_config
+    from vlm.data.shard_check import check_shards
+    from vlm.data.skips import over_limit_message, skip_counter
+    from vlm.runtime import init_ray
+    from vlm.train.config import deepspeed_config, micro_batch_size
+
+    out = check_output(output)
+    shards = find_shards(data)
+    task.check()
+    micro = micro_batch_size(cfg.train, cfg.scaling.num_workers)
+    previous = previous_run(out, resume)
+    counts = check_shards(
+        shards, task.min_samples(), f"one global batch (train.global_batch_size={cfg.train.global_batch_size})"
+    )
+    total = sum(c.samples + c.incomplete for c in counts)
+    max_skipped = math.floor(cfg.train.max_skipped_fraction * total)
+    ds_config = deepspeed_config(
+        cfg.optim, cfg.deepspeed, cfg.train, cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
+    )
+
+    init_ray(address, num_cpus=local_cpus(cfg.scaling))
+    check_data_headroom(cfg.scaling)
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = task.prepare(shards, out)
+    write_config(cfg, out / "config.yaml")
+    files = {**task.files(), "deepspeed.json": ds_config}
+    for name, content in files.items():
+        (out / name).write_text(json.dumps(content, indent=2))
+    run_name = ray_run_name(previous, task.kind)
+
+    with tracking.start_run(
+        cfg.tracking.experiment,
+        cfg.tracking.run_name or task.run_name(out),
+        tags={"stage": task.stage, "output": str(out), "data": data},
+        run_id=previous.get("mlflow_run_id") if previous else None,
+        parent_run_id=parent_run_id,
+    ) as mlrun:
+        run_id = mlrun.run_id if mlrun else None
+        write_state(out, run_name, run_id, shards)
+        if mlrun and not previous:
+            setup = {"data.num_shards": len(shards), "data.num_samples": total, "micro_batch_size": micro}
+            log_setup(mlrun, cfg, ds_config, {**setup, **task.params()})
+            for name, content in task.files().items():
+                mlrun.log_dict(content, name)
+        if mlrun and prepared:
+            mlrun.log_metrics(prepared)
+
+        skips = skip_counter()
+        spec = loop_spec(cfg, ds_config, micro, out, run_id)
+        spec.skips, spec.max_skipped = skips, max_skipped
+        result = fit(_worker, {"task": task, "spec": spec}, cfg, out, run_name, task.dataset(shards, skips))
+        message = over_limit_message(skips, max_skipped, total)
+        if message:
+            raise InputError(message)
+        return _result(out, result, mlrun, skips)
+
+
+def _worker(config: dict) -> None:
+    """Ray Train's `train_loop_per_worker` for every task."""
+    from vlm.train.loop import train_worker
+
+    train_worker(config["task"], config["spec"])
+
+
+def _result(out: Path, result, mlrun, skips) -> dict:
+    import ray
+
+    eval_path = out / "eval.json"
+    evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+    if mlrun:
+        mlrun.log_artifact(out / "export", "model")
+        mlrun.log_artifact(out / "config.yaml")
+    return {
+        "eval": evals,
+        "mlflow_run_id": mlrun.run_id if mlrun else None,
+        "export": str(out / "export"),
+        "steps": evals.get("step"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "samples_skipped": int(ray.get(skips.total.remote())),
+    }
+
+
+def check_output(output) -> Path:
+    """The resolved output directory; InputError (one line, before Ray starts) if it cannot be one."""
+    out = Path(output).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} is a file, not a directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot create output {out}: {probe} is a file, not a directory")
+    try:  # os.access says yes to root on a read-only mount; a real write says what will happen
+        os.rmdir(tempfile.mkdtemp(prefix=".vlm-write-check-", dir=probe))
+    except OSError as exc:
+        raise InputError(f"cannot write output {out}: {probe} is not writable ({exc.strerror})") from None
+    return out
 
 
 def find_shards(spec: str) -> list[str]:
@@ -145,11 +298,8 @@ def single_rank_zero_note(cfg) -> str | None:
     )
 
 
-def fit(worker_fn, loop_config: dict, cfg, out: Path, run_name: str, dataset, run) -> dict:
-    """Build the TorchTrainer from `cfg.scaling`/`cfg.train`, fit it, collect eval and export.
-
-    Returns {"eval", "mlflow_run_id", "export", "steps", "checkpoint"}.
-    """
+def fit(worker_fn, loop_config: dict, cfg, out: Path, run_name: str, dataset):
+    """Build the TorchTrainer from `cfg.scaling`/`cfg.train`, fit it; returns Ray Train's Result."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -186,15 +336,4 @@ def fit(worker_fn, loop_config: dict, cfg, out: Path, run_name: str, dataset, ru
     result = trainer.fit()
     if result.error:
         raise result.error
-    eval_path = out / "eval.json"
-    evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-    if run:
-        run.log_artifact(out / "export", "model")
-        run.log_artifact(out / "config.yaml")
-    return {
-        "eval": evals,
-        "mlflow_run_id": run.run_id if run else None,
-        "export": str(out / "export"),
-        "steps": evals.get("step"),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-    }
+    return result

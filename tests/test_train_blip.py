@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.train_blip import TrainBlipConfig, auc, noise_detection, noisy_caption_sets, train_blip
+from pipelines.train_blip import TrainBlipConfig, train_blip
 from vlm.config import load_config
 from vlm.models.blip.build import build_captioner, build_filter
 from vlm.models.blip.captioner import Captioner, Filter
 from vlm.models.blip.config import BlipConfig
+from vlm.models.blip.eval import auc, noise_detection, noisy_caption_sets
 from vlm.testbed.digit_shards import write_digit_shards
 
 ROOT = Path(__file__).resolve().parents[1]

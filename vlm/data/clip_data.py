@@ -145,20 +145,28 @@ class ClipPreprocess:
     """Ray Data `map_batches` transform: raw shard rows -> {"image" uint8, "text"} arrays.
 
     Passed as an instance (so Ray Data runs it as tasks, not actors); the tokenizer is built
-    lazily and cached per worker process. Augmentation draws fresh randomness every epoch.
+    lazily and cached per worker process. Augmentation draws fresh randomness every epoch. A row
+    whose image or json does not decode is left out and reported to `skips` (vlm.data.skips).
     """
 
-    def __init__(self, preset: str, image_size: int, data: ClipDataConfig):
+    def __init__(self, preset: str, image_size: int, data: ClipDataConfig, skips=None):
         self.preset = preset
         self.size = image_size
         self.cfg = data
+        self.skips = skips
 
     def __call__(self, batch: dict) -> dict:
+        from vlm.data.skips import decode_rows
+
         rng = random.Random()
-        images, captions = [], []
-        for i in range(len(batch["__key__"])):
-            data, txt, meta = row_fields(batch, i)
-            images.append(load_rgb(data, self.size, self.cfg.augment, rng, self.cfg.crop_scale_min))
-            captions.append(pick_caption(txt, meta, self.cfg.caption_source, rng))
-        tokens = _tokenizer(self.preset)(captions)
-        return {"image": to_uint8_chw(images), "text": tokens.numpy().astype(np.int64)}
+
+        def decode(data, txt, meta):
+            image = load_rgb(data, self.size, self.cfg.augment, rng, self.cfg.crop_scale_min)
+            return image, pick_caption(txt, meta, self.cfg.caption_source, rng)
+
+        rows = decode_rows(batch, decode, self.skips)
+        tokens = _tokenizer(self.preset)([caption for _, caption in rows])
+        images = (
+            to_uint8_chw([image for image, _ in rows]) if rows else np.zeros((0, 3, self.size, self.size), np.uint8)
+        )
+        return {"image": images, "text": tokens.numpy().astype(np.int64)}

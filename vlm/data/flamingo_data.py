@@ -38,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 
-from vlm.data.clip_data import load_rgb, pick_caption, row_fields, to_chw, to_text
+from vlm.data.clip_data import load_rgb, pick_caption, to_chw, to_text
 from vlm.models.flamingo.build import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 
 IGNORE = -100  # label of positions without loss (torch's cross_entropy ignore_index)
@@ -254,22 +254,25 @@ class FlamingoPreprocess:
     Packing happens within a batch, so use a batch size that is a multiple of `images_per_sequence`.
     """
 
-    def __init__(self, lm_name_or_path: str | None, image_size: int, data: FlamingoDataConfig):
+    def __init__(self, lm_name_or_path: str | None, image_size: int, data: FlamingoDataConfig, skips=None):
         self.lm_name_or_path = lm_name_or_path
         self.size = image_size
         self.cfg = data
+        self.skips = skips  # vlm.data.skips counter: rows that do not decode are left out and reported
 
     def __call__(self, batch: dict) -> dict:
+        from vlm.data.skips import decode_rows
+
         rng = random.Random()
         tokenizer = flamingo_tokenizer(self.lm_name_or_path)
-        images, captions = [], []
-        for i in range(len(batch["__key__"])):
-            data, txt, meta = row_fields(batch, i)
-            if data is None:
-                continue
-            images.append(load_rgb(data, self.size, self.cfg.augment, rng, self.cfg.crop_scale_min))
-            captions.append(pick_caption(txt, meta, self.cfg.caption_source, rng))
-        pixels = list(to_chw(images)) if images else []
+
+        def decode(data, txt, meta):
+            image = load_rgb(data, self.size, self.cfg.augment, rng, self.cfg.crop_scale_min)
+            return image, pick_caption(txt, meta, self.cfg.caption_source, rng)
+
+        rows = decode_rows(batch, decode, self.skips)
+        pixels = list(to_chw([image for image, _ in rows])) if rows else []
+        captions = [caption for _, caption in rows]
         seqs = pack_pairs(
             tokenizer, pixels, captions, self.cfg.images_per_sequence, self.cfg.max_length, self.cfg.prompt
         )

@@ -79,10 +79,15 @@ class LoopConfig:
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker failures survived by restarting from the latest checkpoint
     seed: int = 0
+    # Samples whose image or json does not decode are skipped and counted (metric samples_skipped);
+    # more than this fraction of the shards' samples stops the run with one line (vlm.data.skips).
+    max_skipped_fraction: float = 0.01
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.global_batch_size < 1 or self.grad_accum_steps < 1:
             raise ValueError("train.max_steps, train.global_batch_size, train.grad_accum_steps must be >= 1")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ValueError(f"train.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
 
 
 def micro_batch_size(loop: LoopConfig, num_workers: int) -> int:

@@ -7,6 +7,10 @@ rank saves its DeepSpeed shard; Ray merges them into one checkpoint directory), 
 from `ray.train.get_checkpoint()` after a worker failure or on `--resume`. A checkpoint carries
 model, optimizer, scheduler, step, data position and the resolved config. Rank 0 logs to
 MLflow through a background queue, so a slow tracking server never stalls training.
+
+The worker body has torchtitan's shape: `setup` (engine, restore), `train_step` (one micro batch),
+`train` (the epochs around it, logging and checkpoints), `finish` (export, eval). What a task
+reports beyond the loss (CLIP's logit scale, Flamingo's gates) comes through its loss dict.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class TrainTask(Protocol):
     def build_model(self) -> torch.nn.Module: ...
 
     def loss(self, model: torch.nn.Module, batch: dict, dist: DistInfo) -> dict[str, torch.Tensor]:
-        """Returns at least {"loss": scalar}; other entries are logged as metrics."""
+        """Returns at least {"loss": scalar}; other entries are averaged over a log window and logged."""
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         """Rank 0 only: write the final model in its ecosystem's format (scalar parameters
@@ -70,6 +74,8 @@ class LoopSpec:
     config: dict = field(default_factory=dict)  # the resolved run config, saved in checkpoints
     dataset: str = "train"
     malloc_keep_mb: int = 0  # see vlm/train/malloc.py
+    skips: object | None = None  # the run's vlm.data.skips counter (a Ray actor handle); None: not counted
+    max_skipped: int = 0  # corrupt samples skipped beyond this stop the run (train.max_skipped_fraction)
 
 
 def _set_seed(seed: int) -> None:
@@ -88,12 +94,44 @@ def _scalar_safe(model: torch.nn.Module) -> None:
     reshape_scalar_params(model)
 
 
-def train_worker(task_factory, spec: LoopSpec) -> None:
-    """`train_loop_per_worker` body: build, restore, train to `max_steps`, export + eval on rank 0."""
+def train_worker(task: TrainTask, spec: LoopSpec) -> None:
+    """`train_loop_per_worker` body: set up, train to `max_steps`, export + eval on rank 0.
+
+    A run that skipped more corrupt samples than `spec.max_skipped` stops on every rank without an
+    export; the driver reads the skip counter and ends it with one line (a data error, not a worker
+    failure to retry).
+    """
+    w = setup(task, spec)
+    try:
+        if train(w):
+            finish(w)
+    finally:
+        if w.logger:
+            w.logger.close()
+
+
+@dataclass
+class Worker:
+    """One training worker's state between `setup` and `finish`."""
+
+    task: TrainTask
+    spec: LoopSpec
+    engine: object  # deepspeed.DeepSpeedEngine
+    dist: DistInfo
+    state: dict
+    logger: object | None  # vlm.tracking.AsyncMetricLogger on rank 0 of a tracked run
+    window: _Window = field(default_factory=lambda: _Window())
+    last_reported: int = -1  # the step of the latest checkpoint reported to Ray Train
+    skips_seen: int = 0  # skipped samples already printed by rank 0
+
+
+def setup(task: TrainTask, spec: LoopSpec) -> Worker:
+    """Build the model and the DeepSpeed engine, and restore the latest checkpoint if Ray has one."""
     import deepspeed
     import ray.train
 
     from vlm.tracking import AsyncMetricLogger
+    from vlm.train.config import param_groups
     from vlm.train.malloc import keep_freed_memory
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -102,21 +140,16 @@ def train_worker(task_factory, spec: LoopSpec) -> None:
     keep_freed_memory(spec.malloc_keep_mb)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    out = Path(spec.output_dir)
-    _record_pid(out, rank)
+    _record_pid(Path(spec.output_dir), rank)
     _set_seed(spec.seed + rank)
 
-    task: TrainTask = task_factory()
     model = task.build_model()
     _scalar_safe(model)
-    from vlm.train.config import param_groups
-
     groups = param_groups(model, spec.deepspeed["optimizer"]["params"]["weight_decay"])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=_sized(spec.deepspeed, model))
     tune_engine(engine, world)
-    device = engine.device
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
-    dist = DistInfo(rank, world, device, dtype)
+    dist = DistInfo(rank, world, engine.device, dtype)
 
     state = {"step": 0, "micro_steps": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0, "restarts": 0}
     ckpt = ray.train.get_checkpoint()
@@ -131,68 +164,131 @@ def train_worker(task_factory, spec: LoopSpec) -> None:
     logger = AsyncMetricLogger(spec.mlflow_uri, spec.mlflow_run_id) if rank == 0 and spec.mlflow_run_id else None
     if logger and ckpt is not None:
         logger.log({"resumed_from_step": state["step"]}, step=state["step"])
+    return Worker(task, spec, engine, dist, state, logger)
 
+
+def train_step(w: Worker, batch: dict) -> dict:
+    """One micro batch: forward (the task's loss), backward, and DeepSpeed's step (which updates the
+    weights every `gradient_accumulation_steps` micro batches). Returns the task's loss dict."""
+    out = w.task.loss(w.engine, batch, w.dist)
+    w.engine.backward(out["loss"])
+    w.engine.step()
+    w.state["batches_in_epoch"] += 1
+    w.state["micro_steps"] += 1
+    w.state["samples"] += w.spec.micro_batch * w.dist.world
+    w.window.add(out)
+    return out
+
+
+def train(w: Worker) -> bool:
+    """Epochs over this worker's dataset shard until `max_steps`; False if stopped by corrupt data."""
+    import ray.train
+
+    spec, state = w.spec, w.state
     shard = ray.train.get_dataset_shard(spec.dataset)
-    accum = engine.gradient_accumulation_steps()
-    window = _Window()
-    last_reported = -1
-    try:
-        while state["step"] < spec.max_steps:
-            batches = shard.iter_torch_batches(
-                batch_size=spec.micro_batch,
-                drop_last=True,
-                local_shuffle_buffer_size=local_shuffle_buffer(spec.micro_batch),
-                local_shuffle_seed=spec.seed + state["epoch"],
-            )
-            iterator = iter(batches)
-            skip = state["batches_in_epoch"]
-            for _ in range(skip):  # restore the data position within the epoch (by count)
-                if next(iterator, None) is None:
-                    break
-            consumed_any = False
-            t_fetch = time.perf_counter()
-            for batch in iterator:
-                consumed_any = True
-                t_start = time.perf_counter()
-                window.wait += t_start - t_fetch
-                out_d = task.loss(engine, batch, dist)
-                engine.backward(out_d["loss"])
-                engine.step()
-                state["batches_in_epoch"] += 1
-                state["micro_steps"] += 1
-                state["samples"] += spec.micro_batch * world
-                window.add(out_d)
-                # DeepSpeed steps the optimizer every `accum` micro batches; checkpoints only
-                # happen on those boundaries, so its counter and ours agree after a restore.
-                if state["micro_steps"] % accum == 0:
-                    state["step"] += 1
-                    step = state["step"]
-                    if rank == 0 and (step % spec.log_every == 0 or step == spec.max_steps):
-                        metrics = window.flush(time.perf_counter(), spec.micro_batch * world)
-                        metrics["lr"] = engine.get_lr()[0]
-                        metrics["epoch"] = state["epoch"]
-                        metrics.update(_logit_scale(engine))
-                        if logger:
-                            logger.log(metrics, step=step)
-                        print(_progress_line(step, spec.max_steps, metrics), flush=True)
-                    if step % spec.checkpoint_every == 0 or step == spec.max_steps:
-                        _save(engine, state, spec, {"loss": window.last_loss})
-                        last_reported = step
-                    if step >= spec.max_steps:
-                        break
-                t_fetch = time.perf_counter()
-            if state["step"] >= spec.max_steps:
+    accum = w.engine.gradient_accumulation_steps()
+    while state["step"] < spec.max_steps:
+        batches = shard.iter_torch_batches(
+            batch_size=spec.micro_batch,
+            drop_last=True,
+            local_shuffle_buffer_size=local_shuffle_buffer(spec.micro_batch),
+            local_shuffle_seed=spec.seed + state["epoch"],
+        )
+        iterator = iter(batches)
+        skip = state["batches_in_epoch"]
+        for _ in range(skip):  # restore the data position within the epoch (by count)
+            if next(iterator, None) is None:
                 break
-            if not consumed_any and skip == 0:
-                raise RuntimeError("the training dataset yielded no batch: fewer samples than one batch per worker")
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-        if last_reported != state["step"]:
-            _save(engine, state, spec, {"loss": window.last_loss})
-        _finish(engine, task, dist, out, logger, state)
-    finally:
-        if logger:
-            logger.close()
+        consumed_any = False
+        t_fetch = time.perf_counter()
+        for batch in iterator:
+            consumed_any = True
+            t_start = time.perf_counter()
+            w.window.wait += t_start - t_fetch
+            train_step(w, batch)
+            # DeepSpeed steps the optimizer every `accum` micro batches; checkpoints only
+            # happen on those boundaries, so its counter and ours agree after a restore.
+            if state["micro_steps"] % accum == 0:
+                state["step"] += 1
+                if not _after_update(w):
+                    return False
+                if state["step"] >= spec.max_steps:
+                    break
+            t_fetch = time.perf_counter()
+        if state["step"] >= spec.max_steps:
+            break
+        if not consumed_any and skip == 0:
+            if _skipped(w) > spec.max_skipped:  # every rank reads the final count: the epoch is over
+                return False
+            raise RuntimeError("the training dataset yielded no batch: fewer samples than one batch per worker")
+        state["epoch"] += 1
+        state["batches_in_epoch"] = 0
+    return True
+
+
+def _after_update(w: Worker) -> bool:
+    """After an optimizer step: log, check the skipped samples, checkpoint. False: stop (corrupt data)."""
+    spec, state, step = w.spec, w.state, w.state["step"]
+    if step % spec.log_every == 0 or step == spec.max_steps:
+        skipped = _agreed_skips(w)
+        if w.dist.rank == 0:
+            metrics = w.window.flush(time.perf_counter(), spec.micro_batch * w.dist.world)
+            metrics.update(lr=w.engine.get_lr()[0], epoch=state["epoch"], samples_skipped=skipped)
+            if w.logger:
+                w.logger.log(metrics, step=step)
+            print(_progress_line(step, spec.max_steps, metrics), flush=True)
+        if skipped > spec.max_skipped:
+            return False
+    if step % spec.checkpoint_every == 0 or step == spec.max_steps:
+        _save(w.engine, state, spec, {"loss": w.window.last_loss})
+        w.last_reported = step
+    return True
+
+
+def _skipped(w: Worker) -> int:
+    """Samples the data pipeline has skipped so far (all workers' data; 0 without a counter)."""
+    if w.spec.skips is None:
+        return 0
+    import ray
+
+    return int(ray.get(w.spec.skips.total.remote()))
+
+
+def _agreed_skips(w: Worker) -> int:
+    """The skip count as rank 0 read it, on every rank, so all ranks stop at the same step."""
+    skipped = _skipped(w) if w.dist.rank == 0 else 0
+    if w.dist.world > 1 and w.spec.skips is not None:
+        count = torch.tensor([skipped], dtype=torch.int64, device=w.dist.device)
+        torch.distributed.broadcast(count, src=0)
+        skipped = int(count.item())
+    return skipped
+
+
+def finish(w: Worker) -> None:
+    """Checkpoint the last step if it is not yet, gather the weights, export and evaluate on rank 0."""
+    engine, state, dist = w.engine, w.state, w.dist
+    if w.last_reported != state["step"]:
+        _save(engine, state, w.spec, {"loss": w.window.last_loss})
+    state_dict = gathered_state_dict(engine)
+    if dist.rank != 0:
+        return
+    from vlm.models.scalars import SCALARS_ATTR, restore_scalar_state_dict
+
+    out = Path(w.spec.output_dir)
+    restore_scalar_state_dict(state_dict, getattr(engine.module, SCALARS_ATTR, ()))
+    export_dir = out / "export"
+    w.task.export(state_dict, export_dir)
+    run = w.logger.run if w.logger else None
+    metrics = w.task.evaluate(export_dir, run)
+    final = {
+        **{f"eval/{k}": v for k, v in metrics.items()},
+        "final_step": state["step"],
+        "restarts": state["restarts"],
+        "samples_skipped": _skipped(w),
+    }
+    if w.logger:
+        w.logger.log(final, step=state["step"])
+    (out / "eval.json").write_text(json.dumps({"step": state["step"], **metrics}, indent=2))
 
 
 def local_shuffle_buffer(micro_batch: int) -> int:
@@ -302,14 +398,6 @@ def _progress_line(step: int, max_steps: int, metrics: dict) -> str:
     return f"[train] step {step}/{max_steps} {shown}"
 
 
-def _logit_scale(engine) -> dict:
-    module = engine.module
-    p = getattr(module, "logit_scale", None)
-    if isinstance(p, torch.nn.Parameter) and p.numel() == 1 and getattr(p, "ds_status", None) is None:
-        return {"logit_scale": float(p.detach().float().exp().reshape(()))}
-    return {}
-
-
 def _record_pid(out: Path, rank: int) -> None:
     """Each worker writes its pid (operators and the failure test find workers by it)."""
     d = out / "_workers"
@@ -341,23 +429,6 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
         if engine.global_rank == 0:
             return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     return None
-
-
-def _finish(engine, task: TrainTask, dist: DistInfo, out: Path, logger, state: dict) -> None:
-    state_dict = gathered_state_dict(engine)
-    if dist.rank != 0:
-        return
-    from vlm.models.scalars import SCALARS_ATTR, restore_scalar_state_dict
-
-    restore_scalar_state_dict(state_dict, getattr(engine.module, SCALARS_ATTR, ()))
-    export_dir = out / "export"
-    task.export(state_dict, export_dir)
-    run = logger.run if logger else None
-    metrics = task.evaluate(export_dir, run)
-    final = {**{f"eval/{k}": v for k, v in metrics.items()}, "final_step": state["step"], "restarts": state["restarts"]}
-    if logger:
-        logger.log(final, step=state["step"])
-    (out / "eval.json").write_text(json.dumps({"step": state["step"], **metrics}, indent=2))
 
 
 def consolidate_zero_checkpoint(checkpoint_dir: str | Path, out_file: str | Path) -> Path:
