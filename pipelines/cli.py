@@ -146,7 +146,7 @@ def _cmd_ingest(args) -> int:
     print(summary_table(manifest))
     print(f"output: {Path(args.output).resolve()}  ({manifest['num_shards']} shard(s), _SUCCESS written)")
     if manifest.get("mlflow_run_id"):
-        print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint()})")
+        print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint(manifest['mlflow_run_id'])})")
     return 0
 
 
@@ -160,7 +160,7 @@ def _cmd_clean(args) -> int:
     print(summary_table(manifest))
     print(f"output: {Path(args.output).resolve()}  ({manifest['num_shards']} shard(s), _SUCCESS written)")
     if manifest.get("mlflow_run_id"):
-        print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint()})")
+        print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint(manifest['mlflow_run_id'])})")
     return 0
 
 
@@ -188,7 +188,7 @@ def _cmd_capfilt(args) -> int:
         print(f"  {m['images_per_s']:.1f} images/s")
     print(f"output: {Path(args.output).resolve()}  ({m['num_shards']} shard(s), _SUCCESS written)")
     if m.get("mlflow_run_id"):
-        print(f"mlflow run: {m['mlflow_run_id']}  (view: {tracking.ui_hint()})")
+        print(f"mlflow run: {m['mlflow_run_id']}  (view: {tracking.ui_hint(m['mlflow_run_id'])})")
     return 0
 
 
@@ -221,7 +221,7 @@ def _cmd_train(args) -> int:
         if key != "step" and isinstance(value, (int, float)):
             print(f"  {key:<24} {value:.4f}")
     if result.get("mlflow_run_id"):
-        print(f"mlflow run: {result['mlflow_run_id']}  (view: {tracking.ui_hint()})")
+        print(f"mlflow run: {result['mlflow_run_id']}  (view: {tracking.ui_hint(result['mlflow_run_id'])})")
     return 0
 
 
@@ -257,7 +257,7 @@ def _cmd_pipeline(args) -> int:
     print()
     print(summary_table(result))
     print(f"pipeline {pipeline.name} took {result['duration_s']:.0f}s; mlflow run: {result['mlflow_run_id']}")
-    print(f"  view: {tracking.ui_hint()}")
+    print(f"  view: {tracking.ui_hint(result['mlflow_run_id'])}")
     if result["failed"]:
         first = result["failed"][0]
         print(

@@ -30,6 +30,30 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
+def _chromium(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine (.ci/run installs the Debian package)")
+    base = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"]
+    return subprocess.run([browser, *base, "--virtual-time-budget=20000", *args], capture_output=True, timeout=timeout)
+
+
+def _check_in_browser(hint: str, port: int, tmp_path: Path) -> None:
+    """The page the CLI's hint names, rendered by a real browser: the runs table, not GenAI's overview."""
+    from PIL import Image, ImageStat
+
+    assert "then open http://127.0.0.1:5000/#/experiments/" in hint, hint
+    url = hint.rsplit("then open ", 1)[1].replace(":5000/", f":{port}/")
+    dom = _chromium("--dump-dom", url).stdout.decode("utf-8", "replace")
+    assert "pipeline" in dom and "matching runs" in dom, "the runs table did not render"
+    assert "No data available" not in dom and "Detect Issues" not in dom, "opened on the GenAI overview"
+    shot = tmp_path / "experiment_page.png"
+    _chromium(f"--screenshot={shot}", url)
+    image = Image.open(shot).convert("L")
+    assert image.size == (1400, 900)
+    assert ImageStat.Stat(image).stddev[0] > 10, "the screenshot is blank"
+
+
 def test_mlflow_ui_serves_nested_pipeline_runs(tmp_path, monkeypatch):
     """A parent run with a nested stage run, read back over HTTP from a real `mlflow ui`."""
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
@@ -69,6 +93,11 @@ def test_mlflow_ui_serves_nested_pipeline_runs(tmp_path, monkeypatch):
         tags = {t["key"]: t["value"] for t in by_name["clip-raw"]["data"]["tags"]}
         assert tags["mlflow.parentRunId"] == parent.run_id
         assert by_name["clip-raw"]["data"]["metrics"][0]["value"] == 0.5
+        ui_exp = next(e for e in exp["experiments"] if e["name"] == "ui-check")
+        exp_tags = {t["key"]: t["value"] for t in ui_exp["tags"]}
+        assert exp_tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+        assert exp_tags[tracking.DESCRIPTION_TAG].startswith("vlm runs")
+        _check_in_browser(tracking.ui_hint(parent.run_id), port, tmp_path)
     finally:
         proc.terminate()
         try:

@@ -147,20 +147,49 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
+# MLflow 3's UI opens an experiment without a kind on its GenAI overview (traces, token usage);
+# these tags make ours open on the runs table, with a line on what the experiment holds.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"
+_DESCRIPTIONS = {
+    "ingest": "vlm ingest runs: URL lists downloaded into webdataset shards (statuses, throughput, contact sheet).",
+    "clean": "vlm clean runs: shard filtering and dedup (kept/dropped per reason, score histograms, dropped examples).",
+    "capfilt": "vlm capfilt runs: BLIP captioner + ITM filter over shards (caption choices, filter scores, gallery).",
+    "train-clip": "vlm train clip runs: contrastive CLIP pretraining with DeepSpeed (loss curves, zero-shot eval).",
+    "train-blip": "vlm train blip runs: BLIP captioner / ITM filter training (loss curves, caption and filter eval).",
+    "train-flamingo": "vlm train flamingo runs: resampler + gated cross-attention on a frozen LM (k-shot eval).",
+}
+
+
+def experiment_tags(name: str) -> dict[str, str]:
+    """The tags every experiment this project creates carries: its kind and a description."""
+    what = _DESCRIPTIONS.get(name) or (
+        f"vlm runs of '{name}': pipeline runs with one nested run per stage (data stages and training), "
+        "each with its resolved config, metrics and pictures."
+    )
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, DESCRIPTION_TAG: what}
+
+
 def _experiment_id(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if _is_embedded(uri):
-        location = (Path.cwd() / DEFAULT_ARTIFACTS / name).as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        location = None
+        if _is_embedded(uri):
+            location = (Path.cwd() / DEFAULT_ARTIFACTS / name).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=experiment_tags(name))
+        except Exception:  # created concurrently by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):  # made before these tags existed, or by hand
+        try:
+            for key, value in experiment_tags(name).items():
+                client.set_experiment_tag(exp.experiment_id, key, value)
+        except Exception as exc:
+            log.warning("mlflow could not tag experiment %s: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
+    return exp.experiment_id
 
 
 @contextmanager
@@ -231,12 +260,33 @@ def stage_env(parent_run_id: str, experiment: str, run_name: str, tags: dict[str
     }
 
 
-def ui_hint() -> str:
-    """The command that opens the MLflow UI on the current store."""
+UI_PORT = 5000
+
+
+def ui_hint(run_id: str | None = None) -> str:
+    """The command that opens the MLflow UI on the current store, and the page of `run_id`'s
+    experiment to open: its runs table (nested stage runs under the pipeline run).
+
+    The link carries `workflowType=machine_learning`: MLflow 3's UI keeps one workflow type per
+    browser, GenAI by default, and then opens every experiment on an (empty) traces overview.
+    """
     uri = tracking_uri()
-    if _is_embedded(uri):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return f"open {uri} (MLFLOW_TRACKING_URI)"
+    embedded = uri.startswith("sqlite:")  # a local store (the default, or MLFLOW_TRACKING_URI): serve it
+    base = f"http://127.0.0.1:{UI_PORT}" if embedded else uri.rstrip("/")
+    cmd = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {UI_PORT}" if embedded else ""
+    page = ""
+    if run_id and (embedded or uri.startswith(("http://", "https://"))):
+        try:
+            import mlflow
+
+            _quiet_mlflow()
+            exp_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+            page = f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        except Exception:  # a hint must never fail a command
+            page = ""
+    if cmd:
+        return f"{cmd}, then open {page}" if page else cmd
+    return f"open {page or uri} (MLFLOW_TRACKING_URI)"
 
 
 class AsyncMetricLogger:
