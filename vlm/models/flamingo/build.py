@@ -12,12 +12,15 @@ a shared matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from vlm.errors import ConfigError, InputError
 from vlm.models.flamingo.config import FlamingoConfig
-from vlm.models.flamingo.model import Flamingo
+from vlm.models.flamingo.lm import find_decoder_layers
+from vlm.models.flamingo.model import Flamingo, check_embeddings
 from vlm.models.flamingo.tokenizer import offline_tokenizer
 from vlm.models.flamingo.vision import build_vision_tower
 
@@ -37,14 +40,32 @@ class FlamingoTokens:
     num_new_tokens: int
 
 
-def lm_config(cfg: FlamingoConfig):
-    """The transformers config of the LM: from `cfg.lm_config` if given (no download), else from the path."""
+def hf_config(values: dict):
+    """A transformers config from a dict with "model_type" (as `FlamingoConfig.lm_config` holds it)."""
     from transformers import AutoConfig
 
-    if cfg.lm_config is not None:
-        values = dict(cfg.lm_config)
-        return AutoConfig.for_model(values.pop("model_type"), **values)
-    return AutoConfig.from_pretrained(cfg.lm_name_or_path)
+    values = dict(values)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def lm_config(cfg: FlamingoConfig):
+    """The transformers config of the LM. A local `lm_name_or_path` directory's own config.json (the weights are
+    built from it), else `cfg.lm_config` (no download), else the hub's. InputError (one line) if unreadable."""
+    from transformers import AutoConfig
+
+    path = cfg.lm_name_or_path
+    if cfg.lm_config is not None and not (path is not None and Path(path).is_dir()):
+        try:
+            return hf_config(cfg.lm_config)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model.lm_config is not a transformers config: {_first_line(exc)}") from None
+    # A hub id is "name" or "org/name"; anything else that names no directory is a path that is not there.
+    if not Path(path).is_dir() and (Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
+        raise InputError(f"model.lm_name_or_path: no LM directory at {path}")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the LM config of model.lm_name_or_path={path}: {_first_line(exc)}") from None
 
 
 def build_lm(cfg: FlamingoConfig) -> nn.Module:
@@ -54,6 +75,37 @@ def build_lm(cfg: FlamingoConfig) -> nn.Module:
     if cfg.lm_name_or_path is not None:
         return AutoModelForCausalLM.from_pretrained(cfg.lm_name_or_path)
     return AutoModelForCausalLM.from_config(lm_config(cfg))
+
+
+def check_lm(cfg: FlamingoConfig) -> None:
+    """One line (ConfigError / InputError) unless Flamingo can wrap the configured LM: its config and tokenizer
+    load, it is a causal LM whose decoder layers and embeddings are found, and its embedding has a row for every
+    tokenizer id. The LM is built on the meta device from its config: no weights are read. For the driver, so
+    that a wrong LM fails before any worker starts."""
+    from transformers import AutoModelForCausalLM
+
+    arch = lm_config(cfg)
+    try:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(arch)
+        find_decoder_layers(lm)
+        rows = check_embeddings(lm)[0].num_embeddings
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"Flamingo cannot wrap the LM ({arch.model_type}): {_first_line(exc)}") from None
+    try:
+        tokenizer = build_tokenizer(cfg)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"cannot load the tokenizer of model.lm_name_or_path={cfg.lm_name_or_path}: {_first_line(exc)}"
+        ) from None
+    base = add_flamingo_tokens(tokenizer).num_base_tokens
+    if base > rows:
+        raise ConfigError(f"the LM's tokenizer has {base} tokens but its embedding only {rows} rows")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def build_tokenizer(cfg: FlamingoConfig):
@@ -187,8 +239,9 @@ def export_flamingo(
     save_file(tensors, str(out / EXPORT_WEIGHTS), metadata={"format": "vlm-flamingo"})
     if trainable is not None:
         save_file({k: tensors[k] for k in trainable if k in tensors}, str(out / EXPORT_TRAINABLE))
-    # The LM's architecture goes in too, so loading needs neither the LM's directory nor the hub.
-    lm_arch = cfg.lm_config if cfg.lm_config is not None else lm_config(cfg).to_dict()
+    # The LM's architecture goes in too (the config its weights were built from), so loading needs neither the
+    # LM's directory nor the hub.
+    lm_arch = lm_config(cfg).to_dict()
     model_cfg = dataclasses.asdict(dataclasses.replace(cfg, vision_checkpoint=None, lm_config=lm_arch))
     meta = {"format": "vlm-flamingo", "model": model_cfg, "trainable": sorted(trainable or [])}
     (out / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
@@ -208,9 +261,9 @@ def load_flamingo_export(path) -> tuple[Flamingo, object]:
     cfg = FlamingoConfig(**meta["model"])
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokens = add_flamingo_tokens(tokenizer)
-    # Built from the config, not from lm_name_or_path: every weight comes from the export.
+    # Built from the exported LM config, not from lm_name_or_path: every weight comes from the export.
     model = assemble(
-        cfg, build_vision_tower(cfg.vision_model), AutoModelForCausalLM.from_config(lm_config(cfg)), tokens
+        cfg, build_vision_tower(cfg.vision_model), AutoModelForCausalLM.from_config(hf_config(cfg.lm_config)), tokens
     )
     model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS)), strict=True)
     return model.eval(), tokenizer

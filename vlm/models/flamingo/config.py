@@ -45,7 +45,9 @@ class FlamingoConfig:
     # --- language model (frozen) ---
     # Weights come from `lm_name_or_path` (local dir or hub id) when set. `lm_config` is a transformers config
     # dict with "model_type"; it builds a random LM when there is no path, and it lets parameter counting
-    # run without downloading anything.
+    # run without downloading anything. A local directory's own config.json wins over `lm_config` (the weights
+    # are built from it), and `flamingo_preset` replaces a preset's LM as a unit: give one of the two fields
+    # and the preset's other one is dropped.
     lm_name_or_path: str | None = None
     lm_config: dict | None = None
     freeze_lm_embeddings: bool = True  # True: only the rows of the added tokens train; False: all rows train
@@ -167,5 +169,10 @@ def flamingo_preset(name: str, **overrides: Any) -> FlamingoConfig:
     if unknown:
         raise ConfigError(f"unknown FlamingoConfig field '{unknown[0]}'")
     values = copy.deepcopy(FLAMINGO_PRESETS[name])
+    # The two LM fields describe one LM: an LM given by path is not the preset's lm_config, and an lm_config
+    # given alone is not the preset's hub LM. Keeping the other would build, count and export a different LM.
+    for given, other in (("lm_name_or_path", "lm_config"), ("lm_config", "lm_name_or_path")):
+        if overrides.get(given) is not None and other not in overrides:
+            values.pop(other, None)
     values.update(overrides)
     return FlamingoConfig(**values)

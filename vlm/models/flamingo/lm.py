@@ -50,3 +50,15 @@ def wrap_decoder_layers(lm: nn.Module, every_n: int, wrap: Callable[[nn.Module],
     for i in indices:
         layers[i] = wrap(layers[i])
     return indices
+
+
+def decoder_hidden_size(lm: nn.Module) -> int:
+    """Width of the residual stream the decoder layers read and write: the size a block inserted before one
+    of them works at. It is the LM's `hidden_size`, not its embedding width; they differ where the LM projects
+    embeddings in and out of the decoder (OPT-350m: word_embed_proj_dim 512, hidden_size 1024)."""
+    config = getattr(lm, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "hidden_size", None)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"cannot tell the hidden size of LM class {type(lm).__name__} (no config.hidden_size)")
+    return size

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlm.models.flamingo.config import FlamingoConfig
-from vlm.models.flamingo.lm import wrap_decoder_layers
+from vlm.models.flamingo.lm import decoder_hidden_size, find_decoder_layers, wrap_decoder_layers
 from vlm.models.flamingo.vision import patch_tokens, prepare_vision_tower
 
 
@@ -224,17 +224,39 @@ class FlamingoLayer(nn.Module):
         return self.decoder_layer(*args, **kwargs)
 
 
+def embedding_scale(embedding: nn.Embedding) -> float:
+    """The factor an embedding module multiplies its rows by in forward (Gemma's sqrt(hidden_size)); 1.0 for a
+    plain lookup. Measured on a few rows, so any scaled lookup is recognised; ValueError for any other transform,
+    since rows added beside it could not match. On the meta device (counting only) nothing can be measured: 1.0."""
+    if type(embedding).forward is nn.Embedding.forward or embedding.weight.is_meta:
+        return 1.0
+    with torch.no_grad():
+        ids = torch.arange(min(8, embedding.num_embeddings), device=embedding.weight.device)
+        rows = embedding.weight[ids].float()  # (8, D)
+        out = embedding(ids).float()  # (8, D)
+        scale = float((out * rows).sum() / (rows * rows).sum().clamp(min=1e-30))
+        if not torch.allclose(out, rows * scale, rtol=1e-2, atol=1e-6 * scale):
+            raise ValueError(
+                f"the LM's input embedding {type(embedding).__name__} is not a (scaled) row lookup; "
+                "Flamingo cannot add token rows beside it"
+            )
+    return scale
+
+
 class DecoupledEmbedding(nn.Module):
     """The LM's frozen embedding for ids < num_base, a small trainable table for the ids Flamingo adds.
 
     Two plain `nn.Embedding`s called as submodules: no gradient hooks, so DeepSpeed ZeRO-3 can partition
-    both and the optimizer only ever sees the new rows.
+    both and the optimizer only ever sees the new rows. Where the LM's embedding scales its rows in forward
+    (Gemma: by sqrt(hidden_size)), the new rows are scaled by the same factor: they start at the statistics
+    of the pretrained rows, weights and outputs alike (and so stay consistent when tied to the output head).
     """
 
     def __init__(self, base: nn.Embedding, num_base: int, num_new: int):
         super().__init__()
         self.base = base
         self.num_base = num_base
+        self.scale = embedding_scale(base)  # a float, not a buffer: state dicts stay those of the two tables
         self.new = nn.Embedding(num_new, base.embedding_dim, device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():  # start the new rows at the statistics of the pretrained ones
             rows = base.weight[:num_base].float()
@@ -250,6 +272,8 @@ class DecoupledEmbedding(nn.Module):
         is_new = (ids >= self.num_base)[..., None]
         base = self.base(ids.clamp(max=self.num_base - 1))
         new = self.new((ids - self.num_base).clamp(min=0))
+        if self.scale != 1.0:
+            new = new * self.scale
         return torch.where(is_new, new, base)
 
 
@@ -281,6 +305,14 @@ class DecoupledLinear(nn.Module):
         return torch.cat([self.base(x)[..., : self.num_base], self.new(x)], dim=-1)
 
 
+def check_embeddings(lm: nn.Module) -> tuple[nn.Embedding, nn.Linear]:
+    """(input, output) embeddings of the LM; ValueError unless they are an nn.Embedding and an nn.Linear."""
+    old_in, old_out = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if not isinstance(old_in, nn.Embedding) or not isinstance(old_out, nn.Linear):
+        raise ValueError(f"LM class {type(lm).__name__} has no nn.Embedding input / nn.Linear output embeddings")
+    return old_in, old_out
+
+
 class Flamingo(nn.Module):
     """Frozen CLIP ViT -> Perceiver Resampler -> gated cross-attention inside a frozen causal LM.
 
@@ -309,15 +341,13 @@ class Flamingo(nn.Module):
         self.resampler = PerceiverResampler(config, dim_visual)
         self.media_center = MediaCentering(config.num_latents, dim_visual) if config.center_media else None
 
-        old_in = lm.get_input_embeddings()
-        old_out = lm.get_output_embeddings()
-        if not isinstance(old_in, nn.Embedding) or not isinstance(old_out, nn.Linear):
-            raise ValueError(f"LM class {type(lm).__name__} has no nn.Embedding input / nn.Linear output embeddings")
+        old_in, old_out = check_embeddings(lm)
         if num_base_tokens > old_in.num_embeddings:
             raise ValueError(
                 f"{num_base_tokens} base tokens but the LM has only {old_in.num_embeddings} embedding rows"
             )
-        dim = old_in.embedding_dim
+        find_decoder_layers(lm)  # an unknown layout is the error to report, before anything about its sizes
+        dim = decoder_hidden_size(lm)  # the blocks sit between decoder layers, at their width (not the embedding's)
         wrap_decoder_layers(
             lm,
             config.cross_attn_every_n_layers,
