@@ -58,18 +58,21 @@ def digits_eval_set(image_size: int = 64, limit: int | None = None, seed: int = 
 
 @torch.inference_mode()
 def encode_images(model, preprocess, images, batch_size: int = 128) -> torch.Tensor:
+    device = next(model.parameters()).device  # the model may sit on a GPU; features come back on the CPU
     feats = []
     for i in range(0, len(images), batch_size):
-        batch = torch.stack([preprocess(im) for im in images[i : i + batch_size]])
-        feats.append(model.encode_image(batch, normalize=True).float())
+        batch = torch.stack([preprocess(im) for im in images[i : i + batch_size]]).to(device)
+        feats.append(model.encode_image(batch, normalize=True).float().cpu())
     return torch.cat(feats)
 
 
 @torch.inference_mode()
 def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    device = next(model.parameters()).device
     feats = []
     for i in range(0, len(texts), batch_size):
-        feats.append(model.encode_text(tokenizer(texts[i : i + batch_size]), normalize=True).float())
+        tokens = tokenizer(texts[i : i + batch_size]).to(device)
+        feats.append(model.encode_text(tokens, normalize=True).float().cpu())
     return torch.cat(feats)
 
 
