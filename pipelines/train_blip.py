@@ -155,15 +155,8 @@ def check_start(cfg: TrainBlipConfig) -> None:
         raise InputError(f"cannot load the blip {cfg.task} checkpoint {start}: {first}") from None
 
 
-def train_blip(
-    data: str,
-    output: str | Path,
-    cfg: TrainBlipConfig,
-    *,
-    resume: bool = False,
-    address: str | None = None,
-    parent_run_id: str | None = None,
-) -> dict:
+train_blip = training.entrypoint(
+    BlipTask,
     """Train the BLIP captioner or filter (`cfg.task`); returns {"eval", "mlflow_run_id", "export", "steps",
-    "checkpoint", ...}. The export loads with `BlipConfig(pretrained=...)` / `BlipConfig(filter_pretrained=...)`."""
-    return training.run(BlipTask(cfg), cfg, data, output, resume=resume, address=address, parent_run_id=parent_run_id)
+    "checkpoint", ...}. The export loads with `BlipConfig(pretrained=...)` / `BlipConfig(filter_pretrained=...)`.""",
+)

@@ -127,14 +127,6 @@ def evaluate_export(export_dir, eval_cfg: ClipEvalConfig, run=None) -> dict:
     return result["metrics"]
 
 
-def train_clip(
-    data: str,
-    output: str | Path,
-    cfg: TrainClipConfig,
-    *,
-    resume: bool = False,
-    address: str | None = None,
-    parent_run_id: str | None = None,
-) -> dict:
-    """Run CLIP training; returns {"eval": metrics, "mlflow_run_id", "export", "steps", ...}."""
-    return training.run(ClipTask(cfg), cfg, data, output, resume=resume, address=address, parent_run_id=parent_run_id)
+train_clip = training.entrypoint(
+    ClipTask, """Run CLIP training; returns {"eval": metrics, "mlflow_run_id", "export", "steps", ...}."""
+)

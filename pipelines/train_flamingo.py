@@ -298,15 +298,7 @@ def evaluate_export(export_dir, cfg: TrainFlamingoConfig, run=None) -> dict:
     return metrics
 
 
-def train_flamingo(
-    data: str,
-    output: str | Path,
-    cfg: TrainFlamingoConfig,
-    *,
-    resume: bool = False,
-    address: str | None = None,
-    parent_run_id: str | None = None,
-) -> dict:
-    """Run Flamingo training; returns {"eval": metrics, "mlflow_run_id", "export", "steps", "checkpoint", ...}."""
-    task = FlamingoTask(cfg)
-    return training.run(task, cfg, data, output, resume=resume, address=address, parent_run_id=parent_run_id)
+train_flamingo = training.entrypoint(
+    FlamingoTask,
+    """Run Flamingo training; returns {"eval": metrics, "mlflow_run_id", "export", "steps", "checkpoint", ...}.""",
+)

@@ -130,6 +130,17 @@ def run(task: Task, cfg, data: str, output, *, resume=False, address=None, paren
         return _result(out, result, mlrun, skips)
 
 
+def entrypoint(task_class: type[Task], doc: str):
+    """`train_<kind>(data, output, cfg, *, resume, address, parent_run_id) -> dict`: `run` of a new task."""
+
+    def train(data: str, output, cfg, *, resume: bool = False, address=None, parent_run_id=None) -> dict:
+        task = task_class(cfg)
+        return run(task, cfg, data, output, resume=resume, address=address, parent_run_id=parent_run_id)
+
+    train.__doc__ = doc
+    return train
+
+
 def _worker(config: dict) -> None:
     """Ray Train's `train_loop_per_worker` for every task."""
     from vlm.train.loop import train_worker

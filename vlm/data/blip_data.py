@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from vlm.data.clip_data import PairDataConfig
 from vlm.models.blip.config import BlipConfig
 
 Task = Literal["captioner", "filter"]
@@ -23,11 +24,7 @@ IGNORE = -100  # label of positions without loss
 
 
 @dataclass
-class BlipDataConfig:
-    caption_source: Literal["original", "synthetic", "random_kept"] = "original"  # see clip_data.pick_caption
-    augment: bool = True  # random resized crop (scale crop_scale_min-1) for training
-    crop_scale_min: float = 0.8
-    shuffle_files: bool = True
+class BlipDataConfig(PairDataConfig):
     # Filter only: a KEY.json field; samples with equal values are positives of each other (their
     # captions match each other's images), never drawn as ITM negatives. BLIP uses the COCO image id
     # this way; for the digits it is `label`. null: only identical captions count as matches.

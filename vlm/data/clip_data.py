@@ -32,11 +32,17 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 @dataclass
-class ClipDataConfig:
-    caption_source: Literal["original", "synthetic", "random_kept"] = "original"
-    augment: bool = True  # random resized crop (scale 0.8-1) for training
+class PairDataConfig:
+    """What every image-text training set (CLIP, BLIP, Flamingo) reads from shards the same way."""
+
+    caption_source: Literal["original", "synthetic", "random_kept"] = "original"  # see pick_caption
+    augment: bool = True  # random resized crop (scale crop_scale_min-1) for training
     crop_scale_min: float = 0.8
     shuffle_files: bool = True
+
+
+@dataclass
+class ClipDataConfig(PairDataConfig):
     heldout_fraction: float = 0.0  # fraction of samples (by key hash) kept out of training
     # Rows per decoding call (and Ray Data block): fewer, larger blocks cost less per sample in
     # Ray Data's bookkeeping (all processes: 0.22-0.25 vs 0.26-0.31 CPU-ms/sample at 512 vs 64

@@ -34,22 +34,17 @@ import functools
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
-from vlm.data.clip_data import load_rgb, pick_caption, to_chw, to_text
+from vlm.data.clip_data import PairDataConfig, load_rgb, pick_caption, to_chw, to_text
 from vlm.models.flamingo.build import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 
 IGNORE = -100  # label of positions without loss (torch's cross_entropy ignore_index)
 
 
 @dataclass
-class FlamingoDataConfig:
-    caption_source: Literal["original", "synthetic", "random_kept"] = "original"  # see clip_data.pick_caption
-    augment: bool = True  # random resized crop (scale crop_scale_min-1) for training
-    crop_scale_min: float = 0.8
-    shuffle_files: bool = True
+class FlamingoDataConfig(PairDataConfig):
     images_per_sequence: int = 8  # T_img: pairs packed into one sequence (and MMC4 images kept)
     max_length: int = 128  # L: tokens per sequence
     prompt: str = "Output:"  # text between <image> and the caption; not trained on ("" for none)
