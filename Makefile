@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: these builds are on local disk; anything else would download GBs.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]' torch==2.14.1 torchvision==0.29.1
+	# DeepSpeed's CPU comm op, built once into this venv (not by the first training run).
+	$(BIN)/python -m vlm.runtime build-ops
 	touch $(STAMP)
 
 setup: $(STAMP)

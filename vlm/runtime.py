@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -140,3 +141,47 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def deepspeed_extensions_dir() -> str:
+    """Point torch's JIT extension cache (DeepSpeed's CPU comm op) at this environment.
+
+    The default cache, ~/.cache/torch_extensions, is shared by every checkout and venv of a user;
+    its build command names the venv's paths, so two installs used in turn rebuilt the op (~100 s
+    of both cores) on every switch. One cache per environment (`sys.prefix`) builds it once.
+    An explicit TORCH_EXTENSIONS_DIR wins; an unwritable prefix keeps torch's default.
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        path = os.path.join(sys.prefix, "torch_extensions")
+        try:
+            os.makedirs(path, exist_ok=True)
+            if os.access(path, os.W_OK):
+                os.environ["TORCH_EXTENSIONS_DIR"] = path
+        except OSError:
+            pass
+    return os.environ.get("TORCH_EXTENSIONS_DIR", "")
+
+
+def build_deepspeed_ops(verbose: bool = False) -> str | None:
+    """Build (or load) DeepSpeed's shared-memory CPU comm op now, as `make setup` does, so no
+    training run compiles. Returns the op's name, or None where it is not used (CUDA, non-Linux)."""
+    deepspeed_extensions_dir()
+    import torch
+
+    if torch.cuda.is_available():
+        return None  # GPU collectives go through NCCL; DeepSpeed does not load the shm op
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    builder = ShareMemCommBuilder()
+    if not builder.is_compatible(verbose):
+        return None
+    builder.load(verbose=verbose)
+    return builder.NAME
+
+
+if __name__ == "__main__":
+    # `python -m vlm.runtime build-ops`: the make setup step.
+    if sys.argv[1:] != ["build-ops"]:
+        sys.exit("usage: python -m vlm.runtime build-ops")
+    name = build_deepspeed_ops()
+    print(f"deepspeed op {name} ready in {deepspeed_extensions_dir()}" if name else "no deepspeed op to build")

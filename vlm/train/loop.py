@@ -127,6 +127,9 @@ class Worker:
 
 def setup(task: TrainTask, spec: LoopSpec) -> Worker:
     """Build the model and the DeepSpeed engine, and restore the latest checkpoint if Ray has one."""
+    from vlm.runtime import deepspeed_extensions_dir
+
+    deepspeed_extensions_dir()  # the CPU comm op built once per environment (make setup), not per run
     import deepspeed
     import ray.train
 
