@@ -115,14 +115,18 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
             num_cpus = max(4, 2 * (os.cpu_count() or 1))
         # The dashboard serves the State API that Ray Train's controller polls (and, later,
         # job submission); bound to loopback only, as is every other server of a local Ray.
-        with _loopback_only():
-            ray.init(
-                num_cpus=num_cpus,
-                include_dashboard=dashboard,
-                dashboard_host="127.0.0.1",
-                logging_level=logging.WARNING,
-                log_to_driver=True,
-            )
+        try:
+            with _loopback_only():
+                ray.init(
+                    num_cpus=num_cpus,
+                    include_dashboard=dashboard,
+                    dashboard_host="127.0.0.1",
+                    logging_level=logging.WARNING,
+                    log_to_driver=True,
+                )
+        except Exception as exc:  # e.g. "node timed out during startup" on an overloaded machine
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ClusterError(f"could not start a local Ray: {first}") from None
         _started_here = True
         where = f"local ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     _configure_ray_data()
