@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast lint format bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,7 +38,14 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train_clip.py
+	$(BIN)/python bench/zero_memory.py
 	$(BIN)/python bench/capfilt.py
+
+# On a GPU machine: every GPU path measured in one table (bench/results/gpu_check.json), then the
+# CUDA-only tests. Without a GPU the first line says so and exits 2 (its --cpu-dry-run is in `make test`).
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
+	$(BIN)/python -m pytest tests/test_gpu.py -q -m gpu
 
 clean:
 	rm -rf demo_out mlruns.db mlartifacts bench/results .pytest_cache
