@@ -447,10 +447,11 @@ class ClipScorer:
     """
 
     def __init__(self, checkpoint: str, preset: str | None = None, device: str | None = None):
-        import torch
         from open_clip.transform import image_transform
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from vlm.devices import auto_device
+
+        self.device = device or auto_device()  # a GPU only where Ray gave this actor one
         self.model, self.tokenizer = load_clip(checkpoint, preset)
         self.model = self.model.to(self.device).eval()
         size = self.model.visual.image_size

@@ -36,9 +36,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` => cuda if available else cpu; anything else as torch spells it."""
+    """`auto` => cuda if this process may use a GPU (vlm.devices.auto_device), else cpu; anything else as
+    torch spells it."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from vlm.devices import auto_device
+
+        return torch.device(auto_device())
     return torch.device(name)
 
 
