@@ -13,6 +13,11 @@ and every candidate with its source and score in KEY.json, dropped samples under
 the reason, the stats file last. A rerun skips complete shards. Ray Data restarts a dead actor and
 retries its batch, and decisions are keyed by sample, so a lost actor loses or duplicates nothing.
 
+The shard-stage driver (`pipelines.shard_stage`) runs the stage; its Ray Data map of one task per
+shard is replaced here by the actor-pool pipeline above (`CapfiltStage.execute`), since the
+models must load once per actor, not once per shard. `CapfiltStage.process_shard` runs the same
+steps on one shard in-process, without Ray.
+
 When the input carries known noise labels (the `noisy` column of the demo's local web), the
 stage also measures the filter: precision and recall of "the web caption is dropped" against them.
 """
@@ -21,15 +26,16 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm.config import config_hash, to_dict, write_config
+from pipelines import shard_stage
+from vlm.config import config_hash, to_dict
 from vlm.data import shards as sh
-from vlm.data.filtered_shards import input_shards, read_input_shard, write_filtered_shard
+from vlm.data.capfilt import filter_quality
+from vlm.data.filtered_shards import read_input_shard, write_filtered_shard
 from vlm.errors import InputError
 from vlm.models.blip.config import BlipConfig
 from vlm.tracking import TrackingConfig, tracking_defaults
@@ -123,37 +129,6 @@ def _dataset(in_dir: Path, todo: list[int], cfg: CapfiltConfig):
     return ds.map_batches(_decisions_only, batch_format="numpy")
 
 
-def _shard_sizes(in_dir: Path, shards: list[int]) -> dict[int, int]:
-    import tarfile
-
-    sizes = {}
-    for s in shards:
-        with tarfile.open(sh.tar_path(in_dir, s)) as tar:
-            sizes[s] = len({m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.isfile()})
-    return sizes
-
-
-class _Progress:
-    def __init__(self, total_images: int, total_shards: int, enabled: bool):
-        self.total, self.shards, self.enabled = total_images, total_shards, enabled
-        self.images = self.done = 0
-        self.t0 = time.time()
-
-    def update(self, images: int = 0, shards: int = 0) -> None:
-        self.images += images
-        self.done += shards
-        if self.enabled:
-            rate = self.images / max(time.time() - self.t0, 1e-6)
-            sys.stderr.write(
-                f"\rcapfilt: {self.images}/{self.total} images, {self.done}/{self.shards} shards, {rate:.1f} images/s "
-            )
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 # ------------------------------------------------------------------------------------ shard output
 
 
@@ -215,33 +190,6 @@ def _check_models(cfg: BlipConfig) -> None:
         local = path and (path.startswith((".", "/", "~")) or Path(path).exists())
         if local and not Path(path).expanduser().is_dir():
             raise InputError(f"{key}: model directory not found: {path}")
-
-
-def _totals(out: Path, shards: list[int]) -> dict:
-    totals: Counter = Counter()
-    quality: Counter = Counter()
-    reasons: Counter = Counter()
-    for s in shards:
-        st = sh.read_stats(out, s)
-        totals.update({k: st.get(k, 0) for k in ("count", "kept", "dropped", "chosen_original", "chosen_synthetic")})
-        quality.update(st.get("quality", {}))
-        reasons.update(st.get("reason_counts", {}))
-    count = totals["count"]
-    result = dict(totals) | {"kept_fraction": totals["kept"] / count if count else 0.0, "reason_counts": dict(reasons)}
-    return result | {"quality": filter_quality(quality)}
-
-
-def filter_quality(q: dict) -> dict:
-    """Precision / recall of noise detection from tp/fp/fn/tn counts ({} without labels)."""
-    tp, fp, fn, tn = (q.get(k, 0) for k in ("tp", "fp", "fn", "tn"))
-    if tp + fp + fn + tn == 0:
-        return {}
-    return {
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": tp / (tp + fn) if tp + fn else 0.0,
-        "accuracy": (tp + tn) / (tp + fp + fn + tn),
-        "labelled": tp + fp + fn + tn,
-    }
 
 
 # ------------------------------------------------------------------------------------ pictures
@@ -310,6 +258,106 @@ def gallery(out: Path, shards: list[int], limit: int):
 # ------------------------------------------------------------------------------------ the stage
 
 
+def _results(batch: dict) -> dict[str, dict]:
+    """`{key: {"shard", "synthetic", "scores", "decision"}}` of a batch of decisions."""
+    return {
+        str(batch["key"][i]): {
+            "shard": int(batch["shard"][i]),
+            "synthetic": batch["synthetic"][i],
+            "scores": batch["scores"][i],
+            "decision": batch["decision"][i],
+        }
+        for i in range(len(batch["key"]))
+    }
+
+
+class CapfiltStage(shard_stage.ShardDirStage):
+    name = STAGE
+
+    def check(self) -> None:
+        super().check()
+        _check_models(self.cfg.blip)
+
+    def content_hash(self) -> str:
+        # The pools (captioner/filter sections) say how fast, not what.
+        return config_hash(self.cfg, exclude=("tracking", "captioner", "filter"))
+
+    def process_shard(self, shard: int, retry: bool = False) -> dict:
+        """Caption, score and write one shard in this process (no Ray; models load on first use)."""
+        import numpy as np
+
+        from vlm.data.capfilt import CaptionerStep, FilterStep
+
+        if not hasattr(self, "_steps"):
+            blip = to_dict(self.cfg.blip)
+            self._steps = (CaptionerStep(blip), FilterStep(blip))
+        t0 = time.time()
+        rows = _read_rows({"shard": shard}, str(self.in_dir))
+        results: dict[str, dict] = {}
+        size = self.cfg.filter.batch_size
+        for i in range(0, len(rows), size):
+            chunk = rows[i : i + size]
+            batch = {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
+            for step in self._steps:
+                batch = step(batch)
+            results.update(_results(batch))
+        return write_shard(self.in_dir, self.out, shard, results, self.cfg.blip.itm_threshold, t0)
+
+    def execute(self, todo: list[tuple[int, bool]], plan: dict, bar: shard_stage.Progress) -> list[dict]:
+        """Stream the decisions back from the actor pools; publish each shard once all its samples are in."""
+        shards = [s for s, _ in todo]
+        threshold = self.cfg.blip.itm_threshold
+        sizes = _shard_sizes(self.in_dir, shards)
+        stats = [write_shard(self.in_dir, self.out, s, {}, threshold, time.time()) for s in shards if not sizes[s]]
+        pending: dict[int, dict[str, dict]] = {s: {} for s in shards if sizes[s]}
+        t0 = time.time()
+        for batch in _dataset(self.in_dir, list(pending), self.cfg).iter_batches(batch_size=None, batch_format="numpy"):
+            for key, result in _results(batch).items():
+                pending[result["shard"]][key] = result
+            finished = [s for s, got in pending.items() if len(got) >= sizes[s]]
+            for s in finished:
+                stats.append(write_shard(self.in_dir, self.out, s, pending.pop(s), threshold, t0))
+            bar.update(len(batch["key"]), shards=len(finished))
+        if pending:
+            raise RuntimeError(f"capfilt: shards {sorted(pending)[:10]} did not receive all their samples")
+        return stats
+
+    def finish_totals(self, totals: dict, plan: dict) -> dict:
+        return totals | {"quality": filter_quality(totals.get("quality", {}))}
+
+    def extra_metrics(self, totals: dict) -> dict[str, float]:
+        metrics = {k: totals.get(k, 0) for k in ("chosen_original", "chosen_synthetic")}
+        return metrics | {f"filter_{k}": v for k, v in totals["quality"].items()}
+
+    def log_artifacts(self, run, shards: list[int], manifest: dict) -> None:
+        rows = _read_parquets(self.out, shards)
+        run.log_image(score_histogram(rows, self.cfg.blip.itm_threshold), "score_histogram.png")
+        sheet = gallery(self.out, shards, self.cfg.tracking.gallery_samples)
+        if sheet is not None:
+            run.log_image(sheet, "gallery.png")
+
+    @staticmethod
+    def summary_lines(manifest: dict) -> list[str]:
+        t, q = manifest["totals"], manifest["totals"]["quality"]
+        lines = [f"chosen caption: web {t.get('chosen_original', 0)}, synthetic {t.get('chosen_synthetic', 0)}"]
+        if q:
+            lines.append(
+                f"filter vs known noise labels: precision {q['precision']:.3f}, recall {q['recall']:.3f} "
+                f"({q['labelled']} labelled samples)"
+            )
+        return lines
+
+
+def _shard_sizes(in_dir: Path, shards: list[int]) -> dict[int, int]:
+    import tarfile
+
+    sizes = {}
+    for s in shards:
+        with tarfile.open(sh.tar_path(in_dir, s)) as tar:
+            sizes[s] = len({m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+    return sizes
+
+
 def capfilt(
     input_dir: str | Path,
     output: str | Path,
@@ -317,106 +365,13 @@ def capfilt(
     *,
     address: str | None = None,
     show_progress: bool = True,
+    context=None,
 ) -> dict:
     """Run CapFilt over the shards in `input_dir`, writing `output`. Returns the manifest."""
-    from vlm import tracking
-    from vlm.runtime import init_ray
-
-    in_dir, out = Path(input_dir), Path(output)
-    shards = input_shards(in_dir)
-    _check_models(cfg.blip)
-    chash = config_hash(cfg, exclude=("tracking", "captioner", "filter"))
-    previous = sh.read_manifest(out) or {}
-    plan_file = out / "_capfilt_plan.json"
-    if plan_file.is_file():
-        planned = json.loads(plan_file.read_text())
-        if planned.get("config_hash") != chash or planned.get("input") != str(in_dir.resolve()):
-            raise InputError(f"{out} holds CapFilt output of another config or input; use a new --output or delete it")
-    where = init_ray(address, dashboard=False)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.yaml")
-    sh.atomic_write_json(plan_file, {"config_hash": chash, "input": str(in_dir.resolve()), "shards": shards})
-    todo = [s for s in shards if not sh.is_complete(out, s)]
-    threshold = cfg.blip.itm_threshold
-    t0 = time.time()
-    with tracking.start_run(
-        cfg.tracking.experiment,
-        cfg.tracking.run_name or f"capfilt-{out.name}",
-        tags={"stage": STAGE, "input": str(in_dir.resolve()), "output": str(out.resolve())},
-    ) as run:
-        if run:
-            run.log_config(cfg)
-            run.log_params({"num_shards": len(shards), "config_hash": chash, "where": where})
-        images = 0
-        if todo:
-            sh.clear_success(out)
-            images = _process(in_dir, out, todo, cfg, threshold, show_progress)
-        elapsed = time.time() - t0
-        missing = [s for s in shards if not sh.is_complete(out, s)]
-        if missing:
-            raise RuntimeError(f"capfilt finished with incomplete shards: {missing[:10]}")
-        totals = _totals(out, shards)
-        manifest = {
-            "stage": STAGE,
-            "config_hash": chash,
-            "inputs": [
-                {"path": str(in_dir.resolve()), "manifest": (sh.read_manifest(in_dir) or {}).get("config_hash")}
-            ],
-            "shards": [f"{sh.shard_name(s)}.tar" for s in shards],
-            "num_shards": len(shards),
-            "totals": {k: v for k, v in totals.items() if k != "quality"},
-            "quality": totals["quality"],
-            "mlflow_run_id": run.run_id if run else previous.get("mlflow_run_id"),
-        }
-        sh.write_success(out, manifest)
-        if run:
-            metrics = {
-                "kept": totals["kept"],
-                "dropped": totals["dropped"],
-                "kept_fraction": totals["kept_fraction"],
-                "chosen_original": totals.get("chosen_original", 0),
-                "chosen_synthetic": totals.get("chosen_synthetic", 0),
-                "duration_s": elapsed,
-                **{f"dropped/{k}": v for k, v in totals["reason_counts"].items()},
-                **{f"filter_{k}": v for k, v in totals["quality"].items()},
-            }
-            if images:
-                metrics["images_per_s"] = images / elapsed
-            run.log_metrics(metrics)
-            run.log_dict(manifest, "manifest.json")
-            rows = _read_parquets(out, shards)
-            run.log_image(score_histogram(rows, threshold), "score_histogram.png")
-            sheet = gallery(out, shards, cfg.tracking.gallery_samples)
-            if sheet is not None:
-                run.log_image(sheet, "gallery.png")
-    return manifest | {"images_per_s": images / elapsed if images else 0.0}
+    stage = CapfiltStage(cfg, input_dir, output)
+    return shard_stage.run(stage, address=address, show_progress=show_progress, context=context)
 
 
-def _process(in_dir: Path, out: Path, todo: list[int], cfg: CapfiltConfig, threshold: float, show: bool) -> int:
-    """Stream the decisions back and publish each shard as soon as all its samples are in."""
-    sizes = _shard_sizes(in_dir, todo)
-    pending: dict[int, dict[str, dict]] = {s: {} for s in todo if sizes[s]}
-    for s in todo:
-        if not sizes[s]:
-            write_shard(in_dir, out, s, {}, threshold, time.time())
-    progress = _Progress(sum(sizes.values()), len(todo), show)
-    t0 = time.time()
-    images = 0
-    for batch in _dataset(in_dir, list(pending), cfg).iter_batches(batch_size=None, batch_format="numpy"):
-        n = len(batch["key"])
-        for i in range(n):
-            s = int(batch["shard"][i])
-            pending[s][str(batch["key"][i])] = {
-                "synthetic": batch["synthetic"][i],
-                "scores": batch["scores"][i],
-                "decision": batch["decision"][i],
-            }
-        images += n
-        finished = [s for s, got in pending.items() if len(got) >= sizes[s]]
-        for s in finished:
-            write_shard(in_dir, out, s, pending.pop(s), threshold, t0)
-        progress.update(n, len(finished))
-    progress.close()
-    if pending:
-        raise RuntimeError(f"capfilt: shards {sorted(pending)[:10]} did not receive all their samples")
-    return images
+def summary_table(manifest: dict) -> str:
+    """The table printed when capfilt ends."""
+    return shard_stage.summary_table(CapfiltStage, manifest)

@@ -1,40 +1,37 @@
 """Clean stage: ingest's shards -> basic filters, exact + near dedup, CLIP score -> filtered shards.
 
+The shard-stage driver (`pipelines.shard_stage`) runs it; this module supplies the plan, the
+per-shard writer and the reporting:
 1. Features (Ray Data): one task per input shard reads its tar and computes every CPU step's
    per-sample features (image header, caption length, SHA-256, pHash); a model step
    (`clipscore`) then runs as a `map_batches` actor pool (`ClipScorer`, model loaded once per
    actor, `clipscore.num_gpus` each).
 2. Plan (driver): the steps decide in YAML order over all samples in key order, so global
    decisions (dedup keeps the first occurrence across every shard; top-fraction CLIP score)
-   see the whole dataset. Decisions go to `OUTPUT/_plan/{shard}.parquet`, then
-   `OUTPUT/_plan/plan.json` (config digest + input manifest digest); reruns reuse the plan, so
-   they make the same decisions.
-3. Write (Ray Data): one task per incomplete shard writes kept / `_dropped/` samples with
-   `vlm.data.filtered_shards.write_filtered_shard` (stats last); complete shards are skipped.
-4. Finish: `_SUCCESS` + `manifest.json`, an MLflow run in experiment `clean` (counts by reason,
-   `kept_fraction`, CLIP score histogram, dropped examples).
+   see the whole dataset. Decisions go to `OUTPUT/_plan/{shard}.parquet` (the driver writes
+   `OUTPUT/_plan/plan.json` last); reruns reuse the plan, so they make the same decisions.
+3. Write (per shard, a Ray Data task): kept / `_dropped/` samples with
+   `vlm.data.filtered_shards.write_filtered_shard` (stats last).
+4. Reporting: per-step drop counts, the CLIP score histogram, dropped examples.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm.config import config_hash, to_dict, write_config
+from pipelines import shard_stage
+from pipelines.shard_stage import PLAN_DIR, Progress
+from vlm.config import to_dict
 from vlm.data import cleaning as cl
 from vlm.data import filtered_shards as fs
 from vlm.data import shards as sh
 from vlm.errors import InputError
 from vlm.tracking import TrackingConfig, tracking_defaults
 
-PLAN_DIR = "_plan"
-PLAN_FILE = "plan.json"
 STAGE = "clean"
 _CLIP_RUNTIME_FIELDS = ("batch_size", "concurrency", "num_gpus", "num_cpus")  # how fast, not what
 
@@ -76,12 +73,7 @@ def content_hash(cfg: CleanConfig) -> str:
             section = {k: v for k, v in section.items() if k not in _CLIP_RUNTIME_FIELDS}
             section["checkpoint"] = str(Path(section["checkpoint"]).resolve())
         content[name] = section
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def input_digest(in_dir: Path) -> str:
-    """Digest of the input's manifest: a changed input makes a different plan."""
-    return hashlib.sha256((Path(in_dir) / sh.MANIFEST_FILE).read_bytes()).hexdigest()[:16]
+    return shard_stage.digest(content)
 
 
 # ----------------------------------------------------------------------------- features (Ray)
@@ -116,7 +108,6 @@ def _feature_rows(in_dir: Path, steps: list[cl.Step], keep_image: bool):
 def compute_features(in_dir: Path, shards: list[int], cfg: CleanConfig, steps: list[cl.Step], show_progress: bool):
     """Every sample's features as records `{"key", <step>: features}` (order: any)."""
     import ray.data
-    from tqdm import tqdm
 
     model_steps = [s for s in steps if s.needs_model]
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
@@ -138,7 +129,7 @@ def compute_features(in_dir: Path, shards: list[int], cfg: CleanConfig, steps: l
         ds = ds.drop_columns(["image", "caption"])
     total = sum(sh.read_stats(in_dir, s).get("successes", 0) for s in shards)
     records = []
-    with tqdm(total=total, unit="img", desc="clean: features", disable=not show_progress, file=sys.stderr) as bar:
+    with Progress(total, desc="clean: features", enabled=show_progress) as bar:
         for row in ds.iter_rows():
             record = {"key": row["key"], "shard": int(row["shard"]), **json.loads(row["features"])}
             if model_steps:
@@ -184,31 +175,8 @@ def read_plan_shard(out: Path, shard: int) -> dict[str, dict]:
     return {r["key"]: r | {"meta": json.loads(r["meta"])} for r in rows}
 
 
-def plan(
-    in_dir: Path, out: Path, shards: list[int], cfg: CleanConfig, *, show_progress: bool = True
-) -> tuple[dict, bool]:
-    """Decide every sample once (or reuse a matching plan). Returns (plan, computed_now)."""
-    plan_path = _plan_dir(out) / PLAN_FILE
-    fingerprint = {
-        "content_hash": content_hash(cfg),
-        "input": str(in_dir.resolve()),
-        "input_manifest": input_digest(in_dir),
-        "shards": shards,
-    }
-    if plan_path.is_file():
-        existing = json.loads(plan_path.read_text())
-        if {k: existing.get(k) for k in fingerprint} == fingerprint:
-            return existing, False
-        if sh.complete_shards(out):
-            raise InputError(
-                f"output {out} holds shards cleaned from a different input or config; use a new --output "
-                "(or delete it to start over)"
-            )
-    elif sh.complete_shards(out):
-        raise InputError(f"output {out} holds shards but no clean plan; use a new --output")
-    shutil.rmtree(_plan_dir(out), ignore_errors=True)
-    _plan_dir(out).mkdir(parents=True)
-
+def plan(in_dir: Path, out: Path, shards: list[int], cfg: CleanConfig, *, show_progress: bool = True) -> dict:
+    """Decide every sample once, over all shards in key order; decisions go to `OUT/_plan/`."""
     t0 = time.time()
     steps = cfg.build_steps()
     records = compute_features(in_dir, shards, cfg, steps, show_progress)
@@ -219,16 +187,13 @@ def plan(
         by_shard[record["shard"]].append(record["key"])
     for shard, keys in by_shard.items():
         _write_plan_shard(out, shard, keys, decisions)
-    kept = sum(d["keep"] for d in decisions.values())
-    result = fingerprint | {
+    return {
+        "shards": shards,
         "count": len(decisions),
-        "kept": kept,
+        "kept": sum(d["keep"] for d in decisions.values()),
         "step_stats": {s.name: s.stats.to_dict() for s in steps},
         "features_s": round(t_features, 3),
-        "plan_s": round(time.time() - t0, 3),
     }
-    sh.atomic_write_json(plan_path, result)  # last: the plan is whole
-    return result, True
 
 
 # ----------------------------------------------------------------------------- write (Ray)
@@ -256,48 +221,49 @@ def write_shard(in_dir: Path, out: Path, shard: int) -> dict:
     )
 
 
-def _write_shards(in_dir: Path, out: Path, todo: list[int], cfg: CleanConfig, show_progress: bool) -> list[dict]:
-    import ray.data
-    from tqdm import tqdm
-
-    def task(row: dict) -> dict:
-        return {"stats": json.dumps(write_shard(in_dir, out, row["shard"]))}
-
-    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map(
-        task,
-        num_cpus=cfg.ray.num_cpus_per_task,
-        compute=ray.data.TaskPoolStrategy(size=_concurrency(cfg, len(todo))),
-    )
-    results = []
-    with tqdm(total=len(todo), unit="shard", desc="clean: write", disable=not show_progress, file=sys.stderr) as bar:
-        for row in ds.iter_rows():
-            results.append(json.loads(row["stats"]))
-            bar.update(1)
-    return results
+# ----------------------------------------------------------------------------- the stage
 
 
-# ----------------------------------------------------------------------------- driver
+class CleanStage(shard_stage.ShardDirStage):
+    name = STAGE
 
+    def check(self) -> None:
+        super().check()
+        if "clipscore" in self.cfg.steps:  # the actors load it; fail fast here
+            cl.check_checkpoint(self.cfg.clipscore.checkpoint, self.cfg.clipscore.preset)
 
-def _totals(out: Path, shards: list[int]) -> dict:
-    reasons: Counter = Counter()
-    by_step: Counter = Counter()
-    count = kept = 0
-    for shard in shards:
-        stats = sh.read_stats(out, shard)
-        count += stats["count"]
-        kept += stats["kept"]
-        reasons.update(stats["reason_counts"])
-        by_step.update(stats.get("dropped_by_step", {}))
-    return {
-        "count": count,
-        "kept": kept,
-        "dropped": count - kept,
-        "kept_fraction": kept / count if count else 0.0,
-        "reason_counts": dict(reasons.most_common()),
-        "dropped_by_step": dict(sorted(by_step.items())),
-    }
+    def content_hash(self) -> str:
+        return content_hash(self.cfg)
+
+    def plan(self, plan_dir: Path, show_progress: bool) -> dict:
+        return plan(self.in_dir, self.out, self.input_shards, self.cfg, show_progress=show_progress)
+
+    def process_shard(self, shard: int, retry: bool = False) -> dict:
+        return write_shard(self.in_dir, self.out, shard)
+
+    def task_resources(self) -> tuple[int | None, float]:
+        return self.cfg.ray.concurrency, self.cfg.ray.num_cpus_per_task
+
+    def finish_totals(self, totals: dict, plan: dict) -> dict:
+        return totals | {"step_stats": plan["step_stats"]}
+
+    def extra_metrics(self, totals: dict) -> dict[str, float]:
+        return {f"step_{name}_dropped": st["dropped"] for name, st in totals["step_stats"].items()}
+
+    def log_artifacts(self, run, shards: list[int], manifest: dict) -> None:
+        if "clipscore" in self.cfg.steps:
+            scores, cutoff = _clip_scores(self.out, shards)
+            if scores:
+                run.log_image(score_histogram(scores, cutoff), "clipscore_histogram.png")
+        sheet = _dropped_sheet(self.out, shards, self.cfg.tracking.gallery_samples)
+        if sheet is not None:
+            run.log_image(sheet, "dropped_examples.png")
+
+    @staticmethod
+    def summary_lines(manifest: dict) -> list[str]:
+        stats = manifest["totals"].get("step_stats", {})
+        steps = " -> ".join(f"{name} (-{st['dropped']})" for name, st in stats.items())
+        return [f"steps: {steps}"] if steps else []
 
 
 def clean(
@@ -307,102 +273,19 @@ def clean(
     address: str | None = None,
     show_progress: bool = True,
     *,
-    parent_run_id: str | None = None,
+    context=None,
 ) -> dict:
-    """Run the clean stage. Returns the manifest (with this invocation's timings under `run`)."""
-    from vlm import tracking
-    from vlm.runtime import init_ray
+    """Run the clean stage. Returns the manifest (with this invocation's figures under `run`)."""
+    stage = CleanStage(cfg, input_dir, output)
+    return shard_stage.run(stage, address=address, show_progress=show_progress, context=context)
 
-    in_dir = Path(input_dir)
-    shards = fs.input_shards(in_dir)
-    if "clipscore" in cfg.steps:
-        cl.check_checkpoint(cfg.clipscore.checkpoint, cfg.clipscore.preset)  # the actors load it; fail fast here
-    out = Path(output)
-    if out.resolve() == in_dir.resolve():
-        raise InputError("--output must differ from --input")
-    where = init_ray(address, dashboard=False)  # before writing anything: a bad address leaves no trace
-    out.mkdir(parents=True, exist_ok=True)
 
-    t0 = time.time()
-    with tracking.start_run(
-        cfg.tracking.experiment,
-        cfg.tracking.run_name or f"clean-{out.name}",
-        tags={"stage": STAGE, "input": str(in_dir.resolve()), "output": str(out.resolve())},
-        parent_run_id=parent_run_id,
-    ) as run:
-        if run:
-            run.log_config(cfg)
-        the_plan, planned_now = plan(in_dir, out, shards, cfg, show_progress=show_progress)
-        write_config(cfg, out / "config.yaml")
-        if run:
-            run.log_params({"input": str(in_dir), "num_shards": len(shards), "content_hash": the_plan["content_hash"]})
-        todo = [s for s in shards if not sh.is_complete(out, s)]
-        new_stats = []
-        if todo:
-            sh.clear_success(out)
-            new_stats = _write_shards(in_dir, out, todo, cfg, show_progress)
-        missing = [s for s in shards if not sh.is_complete(out, s)]
-        if missing:
-            raise RuntimeError(f"clean finished with incomplete shards: {missing[:10]}")
-        elapsed = time.time() - t0
-        totals = _totals(out, shards)
-        totals["step_stats"] = the_plan["step_stats"]
-        run_info = {
-            "duration_s": elapsed,
-            "planned": planned_now,
-            "shards_written": len(new_stats),
-            "samples_per_s": the_plan["count"] / elapsed if planned_now and elapsed > 0 else 0.0,
-        }
-        manifest = {
-            "stage": STAGE,
-            "config_hash": config_hash(cfg, exclude=("ray", "tracking")),
-            "content_hash": the_plan["content_hash"],
-            "steps": list(cfg.steps),
-            "input": str(in_dir.resolve()),
-            "inputs": [{"path": str(in_dir.resolve()), "manifest_digest": the_plan["input_manifest"]}],
-            "shards": [f"{sh.shard_name(s)}.tar" for s in shards],
-            "num_shards": len(shards),
-            "totals": totals,
-            "kept_fraction": totals["kept_fraction"],
-            "mlflow_run_id": run.run_id if run else None,
-        }
-        sh.write_success(out, manifest)
-        if run:
-            _log_run(run, out, shards, cfg, manifest, run_info)
-    return manifest | {"run": run_info, "where": where}
+def summary_table(manifest: dict) -> str:
+    """The table printed when clean ends."""
+    return shard_stage.summary_table(CleanStage, manifest)
 
 
 # ----------------------------------------------------------------------------- reporting
-
-
-def stage_metrics(totals: dict) -> dict[str, float]:
-    """The names every filtering stage logs, so runs compare in MLflow: kept, dropped, dropped/<class>."""
-    metrics = {
-        "samples": totals["count"],
-        "kept": totals["kept"],
-        "dropped": totals["dropped"],
-        "kept_fraction": totals["kept_fraction"],
-    }
-    metrics.update({f"dropped/{cls}": n for cls, n in totals["reason_counts"].items()})
-    return metrics
-
-
-def _log_run(run, out: Path, shards: list[int], cfg: CleanConfig, manifest: dict, run_info: dict) -> None:
-    totals = manifest["totals"]
-    metrics = stage_metrics(totals)
-    for name, stats in totals["step_stats"].items():
-        metrics[f"step/{name}/seen"] = stats["seen"]
-        metrics[f"step/{name}/dropped"] = stats["dropped"]
-    metrics.update({"duration_s": run_info["duration_s"], "samples_per_s": run_info["samples_per_s"]})
-    run.log_metrics(metrics)
-    run.log_dict(manifest, "manifest.json")
-    if "clipscore" in cfg.steps:
-        scores, cutoff = _clip_scores(out, shards)
-        if scores:
-            run.log_image(score_histogram(scores, cutoff), "clipscore_histogram.png")
-    sheet = _dropped_sheet(out, shards, cfg.tracking.gallery_samples)
-    if sheet is not None:
-        run.log_image(sheet, "dropped_examples.png")
 
 
 def _clip_scores(out: Path, shards: list[int]) -> tuple[list[float], float | None]:
@@ -463,24 +346,3 @@ def _dropped_sheet(out: Path, shards: list[int], limit: int):
             if len(samples) >= limit:
                 break
     return contact_sheet(samples) if samples else None
-
-
-def summary_table(manifest: dict) -> str:
-    """The table printed when clean ends."""
-    totals = manifest["totals"]
-    count = max(totals["count"], 1)
-    lines = [f"{'outcome':<26}{'count':>10}{'share':>9}", "-" * 45]
-    lines.append(f"{'kept':<26}{totals['kept']:>10}{100 * totals['kept'] / count:>8.1f}%")
-    for cls, n in totals["reason_counts"].items():
-        lines.append(f"{'dropped: ' + cls:<26}{n:>10}{100 * n / count:>8.1f}%")
-    lines.append("-" * 45)
-    lines.append(f"{'total':<26}{totals['count']:>10}")
-    steps = " -> ".join(f"{name} (-{stats['dropped']})" for name, stats in totals.get("step_stats", {}).items())
-    if steps:
-        lines.append(f"steps: {steps}")
-    run = manifest.get("run", {})
-    if run.get("shards_written"):
-        lines.append(f"wrote {run['shards_written']} shard(s) in {run['duration_s']:.1f}s")
-    else:
-        lines.append("nothing to do: every shard was already complete")
-    return "\n".join(lines)

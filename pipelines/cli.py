@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--no-grad-checkpointing", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="model fields, e.g. lm_name_or_path=DIR")
 
     p = sub.add_parser("demo", help="the whole mission as one pipeline on embedded defaults, against a local web")
     p.add_argument("--output", default="demo_out", help="where the demo writes (default: demo_out)")
@@ -226,6 +227,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_plan(args) -> int:
+    from vlm.config import parse_overrides
     from vlm.models.flamingo.plan import format_plan, plan_flamingo
 
     plans = plan_flamingo(
@@ -236,8 +238,9 @@ def _cmd_plan(args) -> int:
         micro_batch=args.micro_batch,
         seq_len=args.seq_len,
         grad_checkpointing=not args.no_grad_checkpointing,
+        overrides=parse_overrides(args.overrides),
     )
-    print(format_plan(plans, title=f"flamingo preset {args.preset}"))
+    print(format_plan(plans, title=" ".join([f"flamingo preset {args.preset}", *args.overrides])))
     return 0
 
 

@@ -39,7 +39,8 @@ def summary(pipeline, result: dict) -> str:
         manifest_path = Path(out["capfilt"]) / "manifest.json"
         if manifest_path.is_file():
             m = json.loads(manifest_path.read_text())
-            q, t = m.get("quality", {}), m["totals"]
+            t = m["totals"]
+            q = t.get("quality", {})
             lines.append(
                 f"  CapFilt kept {t['kept']}/{t['count']} samples ({_pct(t['kept_fraction'])}); the filter flagged "
                 f"wrong web captions with precision {_pct(q.get('precision'))}, recall {_pct(q.get('recall'))} "

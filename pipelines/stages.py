@@ -1,30 +1,45 @@
 """The stage kinds a pipeline file can name, each a thin adapter onto the stage's own entry point.
 
-Every kind takes the same arguments from the runner: `input` (a path, a list of paths, or None),
-`output` (the stage's directory), `config` (a stage config file or None), `overrides` (dotted
-key=value for that config), `params` (kind-specific, with ${stage} references already resolved to
-directories) and `address`. It returns {"mlflow_run_id", "metrics"}. The runner writes `_SUCCESS`
-and `_stage.json`; a kind only has to leave its output whole when it returns.
+A kind has a typed `params` schema (a dataclass: unknown keys and wrong types are config errors)
+and, for stages with a config, a config class. Params that set config keys (`clean`'s `clip`
+sets `clipscore.checkpoint`) are applied as overrides before the config resolves, so the
+runner's fingerprint covers them and the config validates with them. Every kind's `run` takes
+the same arguments from the runner: `input` (a path, a list of paths, or None), `output` (the
+stage's directory), `cfg` (the resolved config, or None), `params` (the typed params, ${stage}
+references already resolved to directories), `address`, and `context` (a
+`vlm.tracking.RunContext` nesting the stage's MLflow run under the pipeline's). It returns
+{"mlflow_run_id", "metrics"}. The runner writes `_SUCCESS` and `_stage.json`; a kind only has to
+leave its output whole when it returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm.config import load_config, to_dict
+from vlm.config import from_dict, load_config, to_dict
 from vlm.errors import ConfigError, InputError
+
+
+@dataclass
+class NoParams:
+    """A kind that takes no params."""
+
+    def overrides(self) -> list[str]:
+        """Config overrides these params stand for."""
+        return []
 
 
 @dataclass(frozen=True)
 class Kind:
     run: Callable[..., dict]
     config_cls: str | None = None  # "module:Class" of the stage config, loaded lazily
-    params: tuple[str, ...] = ()  # allowed params keys
+    params_cls: type = NoParams  # the params schema (a dataclass with `overrides()`)
 
     def config_class(self):
         if self.config_cls is None:
@@ -32,16 +47,28 @@ class Kind:
         module, _, name = self.config_cls.partition(":")
         return getattr(importlib.import_module(module), name)
 
-    def load(self, config: str | None, overrides: list[str]):
+    def parse_params(self, params: dict | None, kind: str = "") -> Any:
+        allowed = [f.name for f in dataclasses.fields(self.params_cls)]
+        bad = sorted(set(params or {}) - set(allowed))
+        if bad:
+            raise ConfigError(f"{kind} stage: unknown param {bad[0]!r} (allowed: {', '.join(allowed) or 'none'})")
+        try:
+            return from_dict(self.params_cls, params or {})
+        except ConfigError as exc:
+            raise ConfigError(f"{kind} stage params: {exc}") from None
+
+    def load(self, config: str | None, overrides: list[str], params: dict | None = None, kind: str = ""):
+        """The stage config: defaults <- file <- overrides <- what the params set."""
+        typed = self.parse_params(params, kind)
         cls = self.config_class()
         if cls is None:
             if config or overrides:
                 raise ConfigError("this stage kind takes params, not a config file or overrides")
             return None
-        return load_config(cls, config, overrides)
+        return load_config(cls, config, [*overrides, *typed.overrides()])
 
-    def resolve_config(self, config: str | None, overrides: list[str]) -> dict:
-        cfg = self.load(config, overrides)
+    def resolve_config(self, config: str | None, overrides: list[str], params: dict | None = None) -> dict:
+        cfg = self.load(config, overrides, params)
         return {} if cfg is None else to_dict(cfg)
 
 
@@ -55,118 +82,132 @@ def _one_input(value: Any, kind: str) -> str:
     return str(value)
 
 
-def _check_params(kind: str, params: dict, allowed: tuple[str, ...]) -> None:
-    bad = sorted(set(params) - set(allowed))
-    if bad:
-        raise ConfigError(f"{kind} stage: unknown param {bad[0]!r} (allowed: {', '.join(allowed) or 'none'})")
-
-
 def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _set(overrides: list[tuple[str, Any]]) -> list[str]:
+    return [f"{key}={value}" for key, value in overrides if value]
+
+
 # ----------------------------------------------------------------------------------- data stages
 
-URLS_PARAMS = ("n", "noisy_fraction", "seed", "port", "duplicates", "failures")
+
+@dataclass
+class UrlsParams(NoParams):
+    n: int = 1000  # URLs in the list
+    noisy_fraction: float = 0.0  # captions deliberately wrong (labelled `noisy`)
+    seed: int = 0
+    port: int = 8731  # where the local test web will serve them
+    duplicates: int = 0  # repeated URLs
+    failures: bool = True  # include every failure kind the local web serves
 
 
-def run_urls(input, output, config, overrides, params, address) -> dict:
+def run_urls(input, output, cfg, params: UrlsParams, address, context) -> dict:
     """A URL list for the local test web (digits with known noise labels) -> OUTPUT/urls.parquet."""
     from vlm.testbed.url_lists import make_url_rows, write_url_list
 
-    _check_params("urls", params, URLS_PARAMS)
-    port = int(params.get("port", 8731))
     rows = make_url_rows(
-        f"http://127.0.0.1:{port}",
-        int(params.get("n", 1000)),
-        seed=int(params.get("seed", 0)),
-        failures=bool(params.get("failures", True)),
-        noisy_fraction=float(params.get("noisy_fraction", 0.0)),
-        duplicates=int(params.get("duplicates", 0)),
+        f"http://127.0.0.1:{params.port}",
+        params.n,
+        seed=params.seed,
+        failures=params.failures,
+        noisy_fraction=params.noisy_fraction,
+        duplicates=params.duplicates,
     )
     write_url_list(rows, Path(output) / "urls.parquet")
     noisy = sum(bool(r["noisy"]) for r in rows)
     return {"metrics": {"urls": len(rows), "noisy_captions": noisy}}
 
 
-DIGITS_PARAMS = ("n", "samples_per_shard", "image_size", "noisy_fraction", "seed")
+@dataclass
+class DigitsParams(NoParams):
+    n: int = 500
+    samples_per_shard: int = 256
+    image_size: int = 64
+    noisy_fraction: float = 0.0
+    seed: int = 0
 
 
-def run_digits(input, output, config, overrides, params, address) -> dict:
+def run_digits(input, output, cfg, params: DigitsParams, address, context) -> dict:
     """Digit shards written directly (no HTTP): a clean annotated set, or test data."""
     from vlm.testbed.digit_shards import write_digit_shards
 
-    _check_params("digits", params, DIGITS_PARAMS)
-    n = int(params.get("n", 500))
     write_digit_shards(
         output,
-        n,
-        samples_per_shard=int(params.get("samples_per_shard", 256)),
-        image_size=int(params.get("image_size", 64)),
-        noisy_fraction=float(params.get("noisy_fraction", 0.0)),
-        seed=int(params.get("seed", 0)),
+        params.n,
+        samples_per_shard=params.samples_per_shard,
+        image_size=params.image_size,
+        noisy_fraction=params.noisy_fraction,
+        seed=params.seed,
     )
-    return {"metrics": {"samples": n}}
+    return {"metrics": {"samples": params.n}}
 
 
-def run_ingest(input, output, config, overrides, params, address) -> dict:
+@dataclass
+class IngestParams(NoParams):
+    local_web_port: int | None = None  # serve the local test web on this port while downloading
+    local_web_seed: int = 0
+
+
+def run_ingest(input, output, cfg, params: IngestParams, address, context) -> dict:
     """`vlm ingest`; with params.local_web_port, serves the local test web while it downloads."""
     import contextlib
 
-    from pipelines.ingest import IngestConfig, ingest
+    from pipelines.ingest import ingest
 
-    _check_params("ingest", params, ("local_web_port", "local_web_seed"))
-    cfg = load_config(IngestConfig, config, overrides)
     web = contextlib.nullcontext()
-    if params.get("local_web_port"):
+    if params.local_web_port:
         from vlm.testbed.web import LocalWeb
 
-        web = LocalWeb(port=int(params["local_web_port"]), seed=int(params.get("local_web_seed", 0)), slow_delay_s=30)
+        web = LocalWeb(port=params.local_web_port, seed=params.local_web_seed, slow_delay_s=30)
     with web:
-        manifest = ingest(_one_input(input, "ingest"), output, cfg, address=address, show_progress=False)
-    totals = manifest["totals"]
-    return {
-        "mlflow_run_id": manifest.get("mlflow_run_id"),
-        "metrics": {
-            "samples": totals["count"],
-            "successes": totals["successes"],
-            "success_rate": totals["success_rate"],
-        },
-    }
+        manifest = ingest(
+            _one_input(input, "ingest"), output, cfg, address=address, show_progress=False, context=context
+        )
+    return _shard_result(manifest, "successes", "success_rate")
 
 
-def run_clean(input, output, config, overrides, params, address) -> dict:
-    """`vlm clean` (basic filters, dedup, CLIP score); params.clip: a CLIP export for clipscore."""
-    from pipelines.clean import CleanConfig, clean
+@dataclass
+class CleanParams(NoParams):
+    clip: str | None = None  # a CLIP export (e.g. ${train-clip}/export) for the clipscore step
 
-    _check_params("clean", params, ("clip",))
-    if params.get("clip"):
-        overrides = [*overrides, f"clipscore.checkpoint={params['clip']}"]
-    cfg = load_config(CleanConfig, config, overrides)
-    manifest = clean(_one_input(input, "clean"), output, cfg, address=address, show_progress=False)
-    return {"mlflow_run_id": manifest.get("mlflow_run_id"), "metrics": _kept_metrics(manifest)}
+    def overrides(self) -> list[str]:
+        return _set([("clipscore.checkpoint", self.clip)])
 
 
-def _kept_metrics(manifest: dict) -> dict:
+def run_clean(input, output, cfg, params: CleanParams, address, context) -> dict:
+    """`vlm clean` (basic filters, dedup, CLIP score)."""
+    from pipelines.clean import clean
+
+    manifest = clean(_one_input(input, "clean"), output, cfg, address=address, show_progress=False, context=context)
+    return _shard_result(manifest)
+
+
+def _shard_result(manifest: dict, *extra: str) -> dict:
     totals = manifest.get("totals", {})
-    return _numbers({k: totals[k] for k in ("kept", "dropped", "kept_fraction") if k in totals})
-
-
-def run_capfilt(input, output, config, overrides, params, address) -> dict:
-    """`vlm capfilt`; params.captioner / params.filter: exports of `train-blip` stages."""
-    from pipelines.capfilt import CapfiltConfig, capfilt
-
-    _check_params("capfilt", params, ("captioner", "filter"))
-    extra = []
-    if params.get("captioner"):
-        extra.append(f"blip.pretrained={params['captioner']}")
-    if params.get("filter"):
-        extra.append(f"blip.filter_pretrained={params['filter']}")
-    cfg = load_config(CapfiltConfig, config, [*overrides, *extra])
-    manifest = capfilt(_one_input(input, "capfilt"), output, cfg, address=address, show_progress=False)
-    metrics = _kept_metrics(manifest)
-    metrics.update(_numbers(manifest.get("quality", {}), "filter_"))
+    keys = ("samples", "kept", "dropped", "kept_fraction", *extra)
+    metrics = _numbers({k: totals.get("count" if k == "samples" else k) for k in keys})
     return {"mlflow_run_id": manifest.get("mlflow_run_id"), "metrics": metrics}
+
+
+@dataclass
+class CapfiltParams(NoParams):
+    captioner: str | None = None  # a `train-blip` captioner export: blip.pretrained
+    filter: str | None = None  # a `train-blip` filter export: blip.filter_pretrained
+
+    def overrides(self) -> list[str]:
+        return _set([("blip.pretrained", self.captioner), ("blip.filter_pretrained", self.filter)])
+
+
+def run_capfilt(input, output, cfg, params: CapfiltParams, address, context) -> dict:
+    """`vlm capfilt`."""
+    from pipelines.capfilt import capfilt
+
+    manifest = capfilt(_one_input(input, "capfilt"), output, cfg, address=address, show_progress=False, context=context)
+    result = _shard_result(manifest)
+    result["metrics"].update(_numbers(manifest["totals"].get("quality", {}), "filter_"))
+    return result
 
 
 # ------------------------------------------------------------------------------------- training
@@ -189,45 +230,75 @@ def _resume(output: str) -> bool:
     return (Path(output) / "train_state.json").is_file()
 
 
-def run_train_clip(input, output, config, overrides, params, address) -> dict:
-    from pipelines.train_clip import TrainClipConfig, train_clip
+def _trainer_context(cfg, context) -> dict:
+    """The run context for a trainer: its run goes where the context says, nested under the parent.
 
-    _check_params("train-clip", params, ())
-    cfg = load_config(TrainClipConfig, config, overrides)
-    return _train_result(train_clip(_data(input, "train-clip"), output, cfg, resume=_resume(output), address=address))
-
-
-def run_train_blip(input, output, config, overrides, params, address) -> dict:
-    """`vlm train blip`; params.task (captioner / filter) overrides the config's `task`."""
-    from pipelines.train_blip import TrainBlipConfig, train_blip
-
-    _check_params("train-blip", params, ("task",))
-    if params.get("task"):
-        overrides = [*overrides, f"task={params['task']}"]
-    cfg = load_config(TrainBlipConfig, config, overrides)
-    return _train_result(train_blip(_data(input, "train-blip"), output, cfg, resume=_resume(output), address=address))
+    Trainers take `parent_run_id` (not yet a `RunContext`), so the context's experiment and
+    run name are set on the trainer's tracking config; the runner tags the run afterwards.
+    """
+    if context is None:
+        return {}
+    if context.experiment:
+        cfg.tracking.experiment = context.experiment
+    if context.run_name:
+        cfg.tracking.run_name = context.run_name
+    return {"parent_run_id": context.parent_run_id}
 
 
-def run_train_flamingo(input, output, config, overrides, params, address) -> dict:
-    from pipelines.train_flamingo import TrainFlamingoConfig, train_flamingo
+def run_train_clip(input, output, cfg, params: NoParams, address, context) -> dict:
+    from pipelines.train_clip import train_clip
 
-    _check_params("train-flamingo", params, ("clip",))
-    if params.get("clip"):
-        overrides = [*overrides, f"vision_checkpoint={params['clip']}"]
-    cfg = load_config(TrainFlamingoConfig, config, overrides)
-    result = train_flamingo(_data(input, "train-flamingo"), output, cfg, resume=_resume(output), address=address)
+    kw = _trainer_context(cfg, context)
+    result = train_clip(_data(input, "train-clip"), output, cfg, resume=_resume(output), address=address, **kw)
+    return _train_result(result)
+
+
+@dataclass
+class TrainBlipParams(NoParams):
+    task: str | None = None  # captioner / filter: sets the config's `task`
+
+    def overrides(self) -> list[str]:
+        return _set([("task", self.task)])
+
+
+def run_train_blip(input, output, cfg, params: TrainBlipParams, address, context) -> dict:
+    """`vlm train blip`."""
+    from pipelines.train_blip import train_blip
+
+    kw = _trainer_context(cfg, context)
+    result = train_blip(_data(input, "train-blip"), output, cfg, resume=_resume(output), address=address, **kw)
+    return _train_result(result)
+
+
+@dataclass
+class TrainFlamingoParams(NoParams):
+    clip: str | None = None  # a CLIP export for the frozen vision encoder: vision_checkpoint
+
+    def overrides(self) -> list[str]:
+        return _set([("vision_checkpoint", self.clip)])
+
+
+def run_train_flamingo(input, output, cfg, params: TrainFlamingoParams, address, context) -> dict:
+    from pipelines.train_flamingo import train_flamingo
+
+    kw = _trainer_context(cfg, context)
+    result = train_flamingo(_data(input, "train-flamingo"), output, cfg, resume=_resume(output), address=address, **kw)
     return _train_result(result)
 
 
 # ---------------------------------------------------------------------------------- evaluation
 
 
-def run_compare(input, output, config, overrides, params, address) -> dict:
+@dataclass
+class CompareParams(NoParams):
+    stages: list[str] = field(default_factory=list)  # stage outputs to compare, as ${name}
+
+
+def run_compare(input, output, cfg, params: CompareParams, address, context) -> dict:
     """Side-by-side table + overlaid loss curves of other stages' runs (`vlm runs compare`)."""
     from pipelines.compare import compare_runs
 
-    _check_params("compare", params, ("stages",))
-    dirs = params.get("stages") or []
+    dirs = params.stages
     if len(dirs) < 2:
         raise ConfigError("compare stage: params.stages lists at least two stages, as ${name}")
     run_ids = []
@@ -245,14 +316,14 @@ def run_compare(input, output, config, overrides, params, address) -> dict:
 
 
 KINDS: dict[str, Kind] = {
-    "urls": Kind(run_urls, None, URLS_PARAMS),
-    "digits": Kind(run_digits, None, DIGITS_PARAMS),
-    "ingest": Kind(run_ingest, "pipelines.ingest:IngestConfig"),
-    "clean": Kind(run_clean, "pipelines.clean:CleanConfig"),
-    "clipscore": Kind(run_clean, "pipelines.clean:CleanConfig"),
-    "capfilt": Kind(run_capfilt, "pipelines.capfilt:CapfiltConfig"),
-    "train-blip": Kind(run_train_blip, "pipelines.train_blip:TrainBlipConfig"),
+    "urls": Kind(run_urls, None, UrlsParams),
+    "digits": Kind(run_digits, None, DigitsParams),
+    "ingest": Kind(run_ingest, "pipelines.ingest:IngestConfig", IngestParams),
+    "clean": Kind(run_clean, "pipelines.clean:CleanConfig", CleanParams),
+    "clipscore": Kind(run_clean, "pipelines.clean:CleanConfig", CleanParams),
+    "capfilt": Kind(run_capfilt, "pipelines.capfilt:CapfiltConfig", CapfiltParams),
+    "train-blip": Kind(run_train_blip, "pipelines.train_blip:TrainBlipConfig", TrainBlipParams),
     "train-clip": Kind(run_train_clip, "pipelines.train_clip:TrainClipConfig"),
-    "train-flamingo": Kind(run_train_flamingo, "pipelines.train_flamingo:TrainFlamingoConfig"),
-    "compare": Kind(run_compare),
+    "train-flamingo": Kind(run_train_flamingo, "pipelines.train_flamingo:TrainFlamingoConfig", TrainFlamingoParams),
+    "compare": Kind(run_compare, None, CompareParams),
 }

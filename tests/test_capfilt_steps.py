@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from vlm.data.capfilt import CaptionerStep, FilterStep, choose_captions
+from vlm.data.capfilt import CaptionerStep, FilterStep, choose_captions, filter_quality
 from vlm.errors import ConfigError
 from vlm.testbed.digits import render_digit
 
@@ -36,7 +36,7 @@ def test_sample_without_passing_caption_is_dropped_with_reason():
     """No caption >= threshold: the sample is dropped, the reason names the threshold."""
     d = choose_captions("spam", ["bad", "worse"], 0.2, [0.49, 0.1], 0.5)
     assert not d["keep"] and d["chosen"] is None
-    assert d["reason"] == "no caption scored >= 0.5"
+    assert d["reason"] == "low_itm_score: no caption scored >= 0.5"
     assert len(d["candidates"]) == 3 and not any(c["kept"] for c in d["candidates"])
 
 
@@ -152,7 +152,7 @@ def test_filter_step_threshold_decides_drops(captioned):
     """With an unreachable threshold every sample is dropped with the reason; with 0 all are kept."""
     drop_all = FilterStep({**STEP_CFG, "itm_threshold": 1.01})(captioned)
     reasons = {json.loads(d)["reason"] for d in drop_all["decision"]}
-    assert reasons == {"no caption scored >= 1.01"} and not drop_all["keep"].any()
+    assert reasons == {"low_itm_score: no caption scored >= 1.01"} and not drop_all["keep"].any()
     step = FilterStep({**STEP_CFG, "itm_threshold": 0.0})
     assert step(captioned)["keep"].all() and step.stats["kept"] == 4
 
@@ -171,3 +171,11 @@ def test_step_config_rejects_unknown_key():
     """A typo in the step config is a ConfigError naming the key, before any model is built."""
     with pytest.raises(ConfigError, match="num_caption"):
         CaptionerStep({"num_caption": 2})
+
+
+def test_filter_quality_counts():
+    """Precision/recall of noise detection from confusion counts; {} without labels."""
+    q = filter_quality({"tp": 8, "fp": 2, "fn": 2, "tn": 88})
+    assert q["precision"] == pytest.approx(0.8) and q["recall"] == pytest.approx(0.8)
+    assert q["accuracy"] == pytest.approx(0.96) and q["labelled"] == 100
+    assert filter_quality({}) == {}

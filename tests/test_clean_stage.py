@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.clean import PLAN_DIR, PLAN_FILE, CleanConfig, clean
+from pipelines.clean import CleanConfig, clean
+from pipelines.shard_stage import PLAN_DIR, PLAN_FILE
 from vlm.config import load_config
 from vlm.data import filtered_shards as fs
 from vlm.data import shards as sh
@@ -103,8 +104,9 @@ def test_layout_and_reasons(raw, cleaned):
 
     totals = manifest["totals"]
     assert totals["reason_counts"]["exact_duplicate"] == 1 and totals["reason_counts"]["near_duplicate"] == 1
-    assert manifest["kept_fraction"] == pytest.approx(totals["kept"] / 62)
-    assert manifest["inputs"][0]["manifest_digest"] and manifest["config_hash"]
+    assert totals["kept_fraction"] == pytest.approx(totals["kept"] / 62)
+    assert manifest["inputs"] == [{"path": str(raw.resolve()), "digest": manifest["inputs"][0]["digest"]}]
+    assert len(manifest["inputs"][0]["digest"]) == 64 and manifest["config_hash"] and manifest["content_hash"]
 
 
 def test_mlflow_run(cleaned):
@@ -116,9 +118,10 @@ def test_mlflow_run(cleaned):
     run = client.get_run(manifest["mlflow_run_id"])
     assert client.get_experiment(run.info.experiment_id).name == "clean"
     m = run.data.metrics
-    assert m["kept_fraction"] == pytest.approx(manifest["kept_fraction"])
-    assert m["dropped/exact_duplicate"] == 1 and m["dropped/near_duplicate"] == 1
-    assert m["kept"] + m["dropped"] == 62 and m["step/dedup/dropped"] == 2
+    assert m["kept_fraction"] == pytest.approx(manifest["totals"]["kept_fraction"])
+    assert m["dropped_exact_duplicate"] == 1 and m["dropped_near_duplicate"] == 1
+    assert m["kept"] + m["dropped"] == m["samples"] == 62 and m["step_dedup_dropped"] == 2
+    assert m["shards"] == 3 and m["shards_processed"] == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"manifest.json", "dropped_examples.png", "config.yaml"} <= artifacts
 
@@ -131,13 +134,13 @@ def test_resume_skips_complete_shards(raw, cleaned):
     stats0 = sh.stats_path(out, 0).stat().st_mtime_ns
     sh.stats_path(out, 1).unlink()  # shard 1 reads as interrupted
     again = clean(raw, out, cfg, show_progress=False)
-    assert again["run"]["shards_written"] == 1 and again["run"]["planned"] is False
+    assert again["run"]["shards_processed"] == 1 and again["run"]["planned"] is False
     assert sh.stats_path(out, 0).stat().st_mtime_ns == stats0
     assert (out / PLAN_DIR / PLAN_FILE).stat().st_mtime_ns == plan_mtime
     assert pq.read_table(sh.parquet_path(out, 1)).to_pylist() == before
     assert again["totals"] == manifest["totals"]
     third = clean(raw, out, cfg, show_progress=False)
-    assert third["run"]["shards_written"] == 0
+    assert third["run"]["shards_processed"] == 0
 
 
 def test_changed_config_on_same_output_is_refused(raw, cleaned):

@@ -166,3 +166,52 @@ def test_killed_pipeline_resumes_from_the_interrupted_stage(tmp_path, mlflow_sto
     assert "capfilt (capfilt): resuming" in rerun.stdout
     assert sh.complete_shards(out) == list(range(6))
     assert all(sh.stats_path(out, s).stat().st_mtime_ns == t for s, t in mtimes.items())
+
+
+def test_params_are_typed_and_applied_before_the_config_resolves(tmp_path):
+    """A params key sets its config key before validation (clean's clip -> clipscore.checkpoint);
+    unknown params and wrong types are one-line config errors."""
+    from pipelines.stages import KINDS
+
+    clean = KINDS["clean"]
+    cfg = clean.resolve_config(None, ["steps=[basic,clipscore]"], {"clip": str(tmp_path / "clip")})
+    assert cfg["clipscore"]["checkpoint"] == str(tmp_path / "clip")
+    with pytest.raises(ConfigError, match="clipscore.checkpoint"):
+        clean.resolve_config(None, ["steps=[basic,clipscore]"], {})
+    with pytest.raises(ConfigError, match="unknown param 'clp'"):
+        clean.resolve_config(None, [], {"clp": "x"})
+    with pytest.raises(ConfigError, match="'n' must be an integer"):
+        KINDS["digits"].parse_params({"n": "many"}, "digits")
+    assert KINDS["capfilt"].resolve_config(None, [], {"captioner": "a", "filter": "b"})["blip"]["pretrained"] == "a"
+
+
+@pytest.mark.slow
+def test_clean_stage_with_clip_checkpoint_from_params(tmp_path, ray_local, mlflow_store):
+    """A clean stage whose clipscore checkpoint comes from params runs, and its fingerprint covers it."""
+    import open_clip
+    import torch
+
+    from vlm.models.clip.build import export_clip, model_config
+
+    torch.manual_seed(0)
+    mcfg = model_config("vlm-clip-tiny")
+    export_clip(open_clip.CLIP(**mcfg).state_dict(), mcfg, tmp_path / "clip", "vlm-clip-tiny")
+    stages = {
+        "shards": {"kind": "digits", "params": {"n": 20, "samples_per_shard": 10, "image_size": 32}},
+        "clip": {
+            "kind": "clean",
+            "input": "${shards}",
+            "params": {"clip": str(tmp_path / "clip")},
+            "overrides": {"steps": "[clipscore]", "clipscore.threshold": -1.0, "clipscore.num_cpus": 0.5},
+        },
+    }
+    path = write_pipeline(tmp_path, stages, name="clipparams")
+    result = run_pipeline(load_pipeline(path), log=quiet)
+    assert result["failed"] == [], result["stages"]
+    manifest = sh.read_manifest(tmp_path / "out" / "clip")
+    assert manifest["totals"]["count"] == 20 and manifest["totals"]["step_stats"]["clipscore"]["seen"] == 20
+    first = json.loads((tmp_path / "out" / "clip" / "_stage.json").read_text())["fingerprint"]
+    export_clip(open_clip.CLIP(**mcfg).state_dict(), mcfg, tmp_path / "clip2", "vlm-clip-tiny")
+    again = load_pipeline(path, [f"clip.params.clip={tmp_path / 'clip2'}"])
+    assert run_pipeline(again, log=quiet)["stages"]["clip"]["status"] == "ran"
+    assert json.loads((tmp_path / "out" / "clip" / "_stage.json").read_text())["fingerprint"] != first

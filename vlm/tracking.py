@@ -15,7 +15,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
-# Set by the pipeline runner around a stage, so the stage's own run nests under the pipeline's
-# run (same experiment, the stage's name) without the stage knowing it runs in a pipeline.
-ENV_PARENT = "VLM_MLFLOW_PARENT_RUN_ID"
-ENV_EXPERIMENT = "VLM_MLFLOW_EXPERIMENT"
-ENV_RUN_NAME = "VLM_MLFLOW_RUN_NAME"
-ENV_TAGS = "VLM_MLFLOW_TAGS"  # JSON object
-
 
 @dataclass
 class TrackingConfig:
@@ -41,6 +34,20 @@ class TrackingConfig:
     experiment: str = "vlm"  # MLflow experiment (a pipeline run puts its stages in its own)
     run_name: str | None = None  # null: the stage's name and output directory
     gallery_samples: int = 24  # images in the run's MLflow gallery / contact sheet (0: none)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a stage's run goes when a caller (the pipeline runner) owns the run above it.
+
+    Passed as an argument to a stage and on to `start_run(context=...)`: the run is created in
+    `experiment`, named `run_name`, nested under `parent_run_id`, with `tags` added.
+    """
+
+    parent_run_id: str | None = None
+    experiment: str | None = None
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def tracking_defaults(experiment: str) -> Callable[[], TrackingConfig]:
@@ -200,22 +207,22 @@ def start_run(
     tags: dict[str, Any] | None = None,
     run_id: str | None = None,
     parent_run_id: str | None = None,
+    context: RunContext | None = None,
 ) -> Iterator[Run | None]:
     """Open (or, with `run_id`, reopen) a run; ends it FINISHED, or FAILED on an exception.
 
-    Inside a pipeline stage (see `stage_env`) a new run goes to the pipeline's experiment, nested
-    under its run and named after the stage. Yields None (and the job goes on untracked) if the
-    tracking store cannot be reached.
+    With a `context` (a stage inside a pipeline) a new run goes to the context's experiment,
+    nested under its parent run and named after the stage; its fields override `experiment`,
+    `run_name` and `parent_run_id` where set. Yields None (and the job goes on untracked) if
+    the tracking store cannot be reached.
     """
     _quiet_mlflow()
     uri = tracking_uri()
-    if run_id is None and os.environ.get(ENV_PARENT) and parent_run_id is None:
-        import json
-
-        parent_run_id = os.environ[ENV_PARENT]
-        experiment = os.environ.get(ENV_EXPERIMENT) or experiment
-        run_name = os.environ.get(ENV_RUN_NAME) or run_name
-        tags = {**(tags or {}), **json.loads(os.environ.get(ENV_TAGS) or "{}")}
+    if context is not None and run_id is None:
+        experiment = context.experiment or experiment
+        run_name = context.run_name or run_name
+        parent_run_id = context.parent_run_id or parent_run_id
+        tags = {**(tags or {}), **context.tags}
     try:
         import mlflow
 
@@ -246,18 +253,6 @@ def start_run(
             client.set_terminated(run_id, status=status)
         except Exception as exc:
             log.warning("mlflow set_terminated failed: %s", exc)
-
-
-def stage_env(parent_run_id: str, experiment: str, run_name: str, tags: dict[str, Any]) -> dict[str, str]:
-    """The environment that makes `start_run` nest a stage's run under a pipeline run."""
-    import json
-
-    return {
-        ENV_PARENT: parent_run_id,
-        ENV_EXPERIMENT: experiment,
-        ENV_RUN_NAME: run_name,
-        ENV_TAGS: json.dumps({k: str(v) for k, v in tags.items()}),
-    }
 
 
 UI_PORT = 5000

@@ -28,7 +28,26 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["CaptionerStep", "FilterStep", "choose_captions"]
+__all__ = ["CaptionerStep", "FilterStep", "choose_captions", "filter_quality"]
+
+
+LOW_SCORE = "low_itm_score"  # the reason class of a sample no caption of which passed the filter
+
+
+def filter_quality(q: dict) -> dict:
+    """Precision / recall of noise detection from tp/fp/fn/tn counts ({} without labels).
+
+    A positive is "the filter drops the web caption"; the labels say whether it was noisy.
+    """
+    tp, fp, fn, tn = (q.get(k, 0) for k in ("tp", "fp", "fn", "tn"))
+    if tp + fp + fn + tn == 0:
+        return {}
+    return {
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "accuracy": (tp + tn) / (tp + fp + fn + tn),
+        "labelled": tp + fp + fn + tn,
+    }
 
 
 def choose_captions(
@@ -70,7 +89,7 @@ def choose_captions(
     if chosen is None:
         return {
             "keep": False,
-            "reason": f"no caption scored >= {threshold:g}",
+            "reason": f"{LOW_SCORE}: no caption scored >= {threshold:g}",
             "candidates": candidates,
             "chosen": None,
         }

@@ -1,18 +1,10 @@
 """Cleaning steps: basic filters (DataComp), exact + near-duplicate removal, CLIP-score filtering.
 
-Each step is a small class with one contract (datatrove's `BaseFilter`): it answers keep or
-drop-with-reason for every sample that reaches it, and counts its own stats. A step works in
-two halves so the stage can run the expensive half in parallel and the global half once:
-
-    features(sample) -> dict          per sample, pure, on CPU workers (decode header, hash...)
-    decide(records) -> [reason|None]  on the driver, over every sample that reached the step,
-                                      in key order (dedup and top-fraction need all of them)
-
-Model-bearing work is a separate callable class (`ClipScorer`: model loaded in `__init__`,
-`__call__(batch) -> batch` under `torch.inference_mode()`) that the stage maps with a Ray Data
-actor pool; its scores become the step's features. Nothing here imports Ray.
-
-Reasons read `"<class>: <details>"`; the class (e.g. `near_duplicate`) is what metrics count.
+Each step is a small class with one contract (`vlm.data.steps`: features per sample on workers,
+a decision over all samples on the driver) that answers keep or drop-with-reason and counts its
+own stats. Reasons read `"<class>: <details>"`; the class (e.g. `near_duplicate`) is what
+metrics count. This module holds basic and dedup and the registry; the CLIP-score step is in
+`vlm.data.clipscore` (re-exported here).
 
 - `basic`: DataComp's basic filter (Gadre et al. 2023, "DataComp"): smaller image side >= 200,
   aspect ratio <= 3 (on the original size ingest recorded), caption of more than 5 characters
@@ -29,17 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
-from vlm.data.filtered_shards import reason_class
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from vlm.data.clipscore import ClipScoreConfig, ClipScoreFilter, ClipScorer, check_checkpoint, load_clip
+from vlm.data.steps import IMAGE_EXTS, PerSampleStep, Sample, Step, StepStats, run_steps, sample_from_files
 
 __all__ = [
     "BasicConfig",
@@ -47,116 +36,20 @@ __all__ = [
     "ClipScoreConfig",
     "ClipScoreFilter",
     "ClipScorer",
+    "IMAGE_EXTS",
+    "PerSampleStep",
     "DedupConfig",
     "Dedup",
     "Sample",
     "Step",
     "StepStats",
+    "check_checkpoint",
     "hamming",
+    "load_clip",
     "phash",
     "run_steps",
     "sample_from_files",
 ]
-
-
-# ----------------------------------------------------------------------------- samples
-
-
-@dataclass
-class Sample:
-    """What a step sees of one sample: encoded image, caption, and KEY.json (ingest's row)."""
-
-    key: str
-    image: bytes | None
-    caption: str | None
-    meta: dict = field(default_factory=dict)
-
-
-def sample_from_files(key: str, files: dict[str, bytes]) -> Sample:
-    """A Sample from a shard's tar members `{ext: bytes}`."""
-    image = next((files[e] for e in IMAGE_EXTS if e in files), None)
-    caption = files["txt"].decode("utf-8", "replace") if "txt" in files else None
-    try:
-        meta = json.loads(files["json"]) if "json" in files else {}
-    except (ValueError, UnicodeDecodeError):
-        meta = {}
-    return Sample(key, image, caption, meta if isinstance(meta, dict) else {})
-
-
-@dataclass
-class StepStats:
-    """Counts a step keeps of the samples that reached it."""
-
-    seen: int = 0
-    kept: int = 0
-    dropped: int = 0
-    reasons: Counter = field(default_factory=Counter)  # by reason class
-
-    def add(self, reason: str | None) -> None:
-        self.seen += 1
-        if reason is None:
-            self.kept += 1
-        else:
-            self.dropped += 1
-            self.reasons[reason_class(reason)] += 1
-
-    def to_dict(self) -> dict:
-        return {"seen": self.seen, "kept": self.kept, "dropped": self.dropped, "reasons": dict(self.reasons)}
-
-
-class Step:
-    """Base: `features` per sample (workers), `decide` over all samples reaching it (driver)."""
-
-    name: ClassVar[str]
-    needs_model: ClassVar[bool] = False  # features come from a model (an actor pool), not `features`
-
-    def __init__(self) -> None:
-        self.stats = StepStats()
-
-    def features(self, sample: Sample) -> dict:
-        return {}
-
-    def decide(self, records: list[dict]) -> list[str | None]:
-        """One reason (None: keep) per record; records are `{"key", <step name>: features}`."""
-        raise NotImplementedError
-
-
-class PerSampleStep(Step):
-    """A step whose decision needs only the sample's own features."""
-
-    def check(self, feats: dict) -> str | None:
-        raise NotImplementedError
-
-    def decide(self, records: list[dict]) -> list[str | None]:
-        return [self.check(r[self.name]) for r in records]
-
-
-def run_steps(steps: list[Step], records: list[dict]) -> dict[str, dict]:
-    """Apply steps in order; a sample dropped by one step is not seen by the next.
-
-    Args:
-        records: one per sample in key order: `{"key": str, <step name>: features dict, ...}`.
-    Returns:
-        `{key: {"keep", "reason", "dropped_by", "meta"}}`; meta holds the features/results of
-        the steps that saw the sample (what KEY.json's `clean` entry records).
-    """
-    records = sorted(records, key=lambda r: r["key"])
-    decisions = {r["key"]: {"keep": True, "reason": None, "dropped_by": None, "meta": {}} for r in records}
-    alive = records
-    for step in steps:
-        reasons = step.decide(alive)
-        survivors = []
-        for record, reason in zip(alive, reasons, strict=True):
-            step.stats.add(reason)
-            decision = decisions[record["key"]]
-            decision["meta"][step.name] = record.get(step.name, {})
-            if reason is None:
-                survivors.append(record)
-            else:
-                decision.update(keep=False, reason=reason, dropped_by=step.name)
-                decision["meta"]["dropped_by"] = step.name
-        alive = survivors
-    return decisions
 
 
 # ----------------------------------------------------------------------------- basic
@@ -415,149 +308,6 @@ class Dedup(Step):
                     if f.get(field_name):
                         seen.setdefault(f[field_name], record["key"])
             reasons.append(reason)
-        return reasons
-
-
-# ----------------------------------------------------------------------------- clip score
-
-
-@dataclass
-class ClipScoreConfig:
-    checkpoint: str | None = None  # open_clip export dir (`vlm train clip` OUTPUT/export) or weights file
-    preset: str | None = None  # open_clip model name, needed only when checkpoint is a weights file
-    mode: Literal["threshold", "top_fraction"] = "threshold"
-    threshold: float = 0.3  # keep cosine >= threshold (DataComp ViT-B/32: 0.3)
-    top_fraction: float = 0.3  # keep this fraction of the samples reaching the step, best first
-    batch_size: int = 256  # images per model call (Ray Data map_batches)
-    concurrency: int = 1  # actors in the pool
-    num_gpus: float = 0.0  # GPUs per actor (0: CPU)
-    num_cpus: float = 1.0  # CPUs per actor
-
-    def validate(self) -> None:
-        if not 0.0 < self.top_fraction <= 1.0:
-            raise ValueError("clipscore.top_fraction must be in (0, 1]")
-        if self.batch_size < 1 or self.concurrency < 1:
-            raise ValueError("clipscore.batch_size and clipscore.concurrency must be >= 1")
-
-
-class ClipScorer:
-    """Ray Data callable: CLIP image-text cosine per row (`image` bytes, `caption`) -> `clip_score`.
-
-    Rows whose image does not decode or whose caption is empty score NaN.
-    """
-
-    def __init__(self, checkpoint: str, preset: str | None = None, device: str | None = None):
-        from open_clip.transform import image_transform
-
-        from vlm.devices import auto_device
-
-        self.device = device or auto_device()  # a GPU only where Ray gave this actor one
-        self.model, self.tokenizer = load_clip(checkpoint, preset)
-        self.model = self.model.to(self.device).eval()
-        size = self.model.visual.image_size
-        self.preprocess = image_transform(size[0] if isinstance(size, tuple) else size, is_train=False)
-
-    @classmethod
-    def bound(cls, checkpoint: str, preset: str | None = None, device: str | None = None) -> type[ClipScorer]:
-        """A subclass with the arguments built in, for `map_batches` without constructor arguments
-        (Ray keeps those in the object store and warns that a restarted actor may lose them)."""
-
-        def __init__(self) -> None:
-            cls.__init__(self, checkpoint, preset, device)
-
-        return type(cls.__name__, (cls,), {"__init__": __init__})
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-        from PIL import Image
-
-        n = len(batch["key"])
-        scores = np.full(n, np.nan, dtype=np.float32)
-        pixels, texts, rows = [], [], []
-        for i in range(n):
-            data, caption = batch["image"][i], batch["caption"][i]
-            if not data or not caption or not str(caption).strip():
-                continue
-            try:
-                pixels.append(self.preprocess(Image.open(io.BytesIO(data)).convert("RGB")))
-            except Exception:
-                continue
-            texts.append(str(caption))
-            rows.append(i)
-        if rows:
-            with torch.inference_mode():
-                img = self.model.encode_image(torch.stack(pixels).to(self.device), normalize=True)  # (B, D)
-                txt = self.model.encode_text(self.tokenizer(texts).to(self.device), normalize=True)  # (B, D)
-                scores[rows] = (img * txt).sum(-1).float().cpu().numpy()
-        batch["clip_score"] = scores
-        return batch
-
-
-def check_checkpoint(checkpoint: str | None, preset: str | None = None) -> str:
-    """ "export" or "weights": what `checkpoint` is; ConfigError if it is neither or lacks its preset."""
-    from pathlib import Path
-
-    from vlm.errors import ConfigError
-    from vlm.models.clip.build import EXPORT_CONFIG
-
-    path = Path(checkpoint or "")
-    if checkpoint and path.is_dir() and (path / EXPORT_CONFIG).is_file():
-        return "export"
-    if checkpoint and path.is_file():
-        if not preset:
-            raise ConfigError(f"clipscore.checkpoint {checkpoint} is a weights file: set clipscore.preset too")
-        return "weights"
-    raise ConfigError(f"clipscore.checkpoint not found (an open_clip export dir or weights file): {checkpoint}")
-
-
-def load_clip(checkpoint: str, preset: str | None = None):
-    """(model, tokenizer) from an open_clip export dir, or a weights file with its preset."""
-    from vlm.models.clip.build import CLIPModelConfig, build_clip, load_export
-
-    if check_checkpoint(checkpoint, preset) == "export":
-        return load_export(checkpoint)
-    model, tokenizer, _ = build_clip(CLIPModelConfig(preset=preset, checkpoint=str(checkpoint)))
-    return model.eval(), tokenizer
-
-
-class ClipScoreFilter(Step):
-    """Keep samples whose CLIP score passes a threshold, or the top fraction by score."""
-
-    name = "clipscore"
-    needs_model = True
-
-    def __init__(self, cfg: ClipScoreConfig):
-        super().__init__()
-        self.cfg = cfg
-
-    @staticmethod
-    def score_features(score: float) -> dict:
-        """The step's features from a scorer output (NaN: no score)."""
-        return {"score": None if score is None or math.isnan(score) else round(float(score), 5)}
-
-    def decide(self, records: list[dict]) -> list[str | None]:
-        scores = [r[self.name].get("score") for r in records]
-        if self.cfg.mode == "threshold":
-            cutoff, why = self.cfg.threshold, "threshold"
-            keep = [s is not None and s >= cutoff for s in scores]
-        else:
-            order = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])  # stable
-            n_keep = min(round(self.cfg.top_fraction * len(records)), len(order))
-            top = set(order[:n_keep])
-            keep = [i in top for i in range(len(records))]
-            cutoff = scores[order[n_keep - 1]] if n_keep else None
-            why = f"top {100 * self.cfg.top_fraction:g}%"
-        reasons: list[str | None] = []
-        for record, score, kept in zip(records, scores, keep):
-            record[self.name]["cutoff"] = cutoff
-            if kept:
-                reasons.append(None)
-            elif score is None:
-                reasons.append("no_clip_score: undecodable image or empty caption")
-            elif cutoff is None:
-                reasons.append(f"low_clip_score: {score:.4f}, none kept ({why})")
-            else:
-                reasons.append(f"low_clip_score: {score:.4f} < {cutoff:.4f} ({why})")
         return reasons
 
 
