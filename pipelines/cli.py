@@ -166,30 +166,16 @@ def _cmd_clean(args) -> int:
 
 
 def _cmd_capfilt(args) -> int:
-    from pipelines.capfilt import CapfiltConfig, capfilt
+    from pipelines.capfilt import CapfiltConfig, capfilt, summary_table
     from vlm import tracking
     from vlm.config import load_config
 
     cfg = load_config(CapfiltConfig, args.config, args.overrides)
-    m = capfilt(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet)
-    t = m["totals"]
-    print(
-        f"capfilt: kept {t['kept']}/{t['count']} samples ({t['kept_fraction']:.1%}); "
-        f"chosen caption: web {t.get('chosen_original', 0)}, synthetic {t.get('chosen_synthetic', 0)}"
-    )
-    for reason, n in sorted(t["reason_counts"].items(), key=lambda kv: -kv[1]):
-        print(f"  dropped {n:>6}  {reason}")
-    if m["quality"]:
-        q = m["quality"]
-        print(
-            f"  filter vs known noise labels: precision {q['precision']:.3f}, recall {q['recall']:.3f} "
-            f"({q['labelled']} labelled samples)"
-        )
-    if m.get("images_per_s"):
-        print(f"  {m['images_per_s']:.1f} images/s")
-    print(f"output: {Path(args.output).resolve()}  ({m['num_shards']} shard(s), _SUCCESS written)")
-    if m.get("mlflow_run_id"):
-        print(f"mlflow run: {m['mlflow_run_id']}  (view: {tracking.ui_hint(m['mlflow_run_id'])})")
+    manifest = capfilt(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet)
+    print(summary_table(manifest))
+    print(f"output: {Path(args.output).resolve()}  ({manifest['num_shards']} shard(s), _SUCCESS written)")
+    if manifest.get("mlflow_run_id"):
+        print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint(manifest['mlflow_run_id'])})")
     return 0
 
 
