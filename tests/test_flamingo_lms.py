@@ -120,6 +120,20 @@ def test_lm_given_by_path_replaces_the_presets_lm(arch, tmp_path):
     assert shape.lm_hidden == bare.config.hidden_size and shape.lm_layers == 2
 
 
+def test_vlm_plan_describes_the_lm_given_by_path(tmp_path, capsys):
+    """`vlm plan flamingo --preset tiny lm_name_or_path=DIR` counts the directory's LM, not the preset's."""
+    from pipelines.cli import main
+    from vlm.models.flamingo.plan import plan_flamingo
+
+    lm_dir = save_lm("opt-350m-layout", tmp_path / "lm")
+    assert main(["plan", "flamingo", "--preset", "tiny", "--gpus-per-node", "2", f"lm_name_or_path={lm_dir}"]) == 0
+    plan = plan_flamingo(flamingo_preset("tiny", lm_name_or_path=str(lm_dir)), 1, 2)[0]
+    preset = plan_flamingo("tiny", 1, 2)[0]
+    assert plan.frozen_params != preset.frozen_params
+    out = capsys.readouterr().out
+    assert f"{plan.trainable_params / 1e3:.2f}K trainable, {plan.frozen_params / 1e3:.2f}K frozen" in out, out
+
+
 @pytest.mark.parametrize("arch", LMS)
 def test_zero_gates_keep_the_lm_logits(arch, tmp_path):
     """With the gates at 0 (as built) Flamingo's logits are the bare LM's on the same embeddings."""
@@ -276,9 +290,10 @@ def test_missing_or_unfit_lm_directory_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # ~2.5 min alone; several times that on a machine shared with other test runs
 def test_cli_trains_flamingo_around_an_lm_directory(tmp_path, mlflow_store):
-    """`vlm train flamingo ... model.lm_name_or_path=DIR` (Qwen2) trains on 2 ZeRO-3 workers, exports the
-    directory's LM and reloads the export for the k-shot eval: exit 0."""
+    """`vlm train flamingo ... model.lm_name_or_path=DIR` (Qwen2) trains on 2 ZeRO-3 workers (the gates move),
+    exports the directory's LM and reloads the export for the k-shot eval: exit 0."""
     from vlm.testbed.digit_shards import write_digit_shards
 
     write_digit_shards(tmp_path / "shards", 64, samples_per_shard=64, image_size=32)
@@ -288,8 +303,10 @@ def test_cli_trains_flamingo_around_an_lm_directory(tmp_path, mlflow_store):
         "scaling.num_workers=2",
         "scaling.cpus_per_worker=1",
         "train.global_batch_size=4",
-        "train.max_steps=2",
+        "train.max_steps=3",  # warmup + cosine: step 1 runs at lr 0, step 2 at lr/2 (the last at 0)
         "train.log_every=1",
+        "optim.lr=5e-3",
+        "optim.warmup_steps=1",
         "data.images_per_sequence=2",
         "data.max_length=64",
         "eval.shots=[0,2]",
@@ -304,7 +321,7 @@ def test_cli_trains_flamingo_around_an_lm_directory(tmp_path, mlflow_store):
         env=dict(env, PYTHONPATH=str(ROOT)),
         capture_output=True,
         text=True,
-        timeout=270,
+        timeout=570,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fewshot_2_acc" in proc.stdout
@@ -312,6 +329,8 @@ def test_cli_trains_flamingo_around_an_lm_directory(tmp_path, mlflow_store):
     assert model_cfg["lm_name_or_path"] == str(lm_dir) and model_cfg["lm_config"] is None
     export = json.loads(next(out.rglob("flamingo_config.json")).read_text())
     assert export["model"]["lm_config"]["model_type"] == "qwen2"
+    evals = json.loads((out / "eval.json").read_text())
+    assert evals["gate_attn_l1"] != 0.0 and {"fewshot_0_acc", "fewshot_2_rank_acc"} <= set(evals), evals
 
 
 @pytest.mark.slow

@@ -276,6 +276,7 @@ def plan_flamingo(
     grad_checkpointing: bool = True,
     images_per_sample: int | None = None,
     headroom: float = 0.9,
+    overrides: Mapping[str, object] | None = None,
 ) -> list[MemoryPlan]:
     """Memory plans for every (ZeRO stage, offload) from the model's real parameter counts.
 
@@ -286,8 +287,15 @@ def plan_flamingo(
         micro_batch, seq_len, grad_checkpointing: what the activation estimate depends on (grad_checkpointing is
             asked here, not read from cfg.gradient_checkpointing, so one config can be planned both ways).
         images_per_sample: images per sequence; None = the config's max_num_media (the worst case).
+        overrides: FlamingoConfig fields set on top of a preset (e.g. lm_name_or_path: the LM of that directory
+            replaces the preset's); only with a preset name.
     """
-    cfg = flamingo_preset(cfg_or_preset_name) if isinstance(cfg_or_preset_name, str) else cfg_or_preset_name
+    if isinstance(cfg_or_preset_name, str):
+        cfg = flamingo_preset(cfg_or_preset_name, **(overrides or {}))
+    elif overrides:
+        raise ConfigError("overrides apply to a preset name, not to a FlamingoConfig")
+    else:
+        cfg = cfg_or_preset_name
     for name, value in (("micro_batch", micro_batch), ("seq_len", seq_len)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
