@@ -6,7 +6,7 @@ Synthetic digit shards are written locally (no downloads); then each row runs th
               `deepspeed.precision=auto`: bf16 on a GPU) against open_clip's own trainer
               (`open_clip_train.main`, launched by bench/_open_clip.py, `--precision amp_bf16` on a
               GPU) on the same shards, model, batch and steps: samples/s after the warm-up windows,
-              their ratio (goal >= 1.0x), data wait, and vlm's GPU memory peak where its loop logs it.
+              their ratio (goal >= 1.0x), data wait, and each one's GPU memory peak (device-wide, sampled).
 * flamingo  - Flamingo (ViT-L-14 vision, a config-built ~1.1B Llama-layout LM, random weights:
               preset `flamingo-3b` without its hub LM) through a bare DeepSpeed engine built from vlm's
               `deepspeed_config` at ZeRO-2 and ZeRO-3, fed by vlm's FlamingoPreprocess: tokens/s and
@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -108,9 +109,10 @@ def clip_row(c: dict, tmp: Path, cuda: bool, threads: int) -> dict:
     if cuda:
         extra += ["scaling.use_gpu=true", "scaling.gpus_per_worker=1"]
     t0 = time.perf_counter()
-    vlm = run_vlm(tmp / "clip" / "shards", tmp / "clip_vlm", tmp, args, extra)
+    with GpuMemory(cuda) as mem:
+        vlm = run_vlm(tmp / "clip" / "shards", tmp / "clip_vlm", tmp, args, extra)
     vlm["wall_s"] = round(time.perf_counter() - t0, 1)
-    vlm["gpu_memory_peak_gib"] = _logged_max(tmp, vlm["mlflow_run_id"], "gpu_mem_peak_gib")
+    vlm["gpu_memory_peak_gib"] = mem.peak_gib
 
     logs = tmp / "open_clip_logs"
     cmd = [
@@ -143,7 +145,8 @@ def clip_row(c: dict, tmp: Path, cuda: bool, threads: int) -> dict:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    with GpuMemory(cuda) as mem:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     wall = round(time.perf_counter() - t0, 1)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -151,6 +154,7 @@ def clip_row(c: dict, tmp: Path, cuda: bool, threads: int) -> dict:
         raise RuntimeError(f"open_clip_train failed (exit {proc.returncode})")
     theirs = parse_log(text, c["batch"], c["warmup_windows"], c["log_every"])
     theirs["wall_s"] = wall
+    theirs["gpu_memory_peak_gib"] = mem.peak_gib
     check_positive("clip", vlm_samples_per_s=vlm["samples_per_s"], open_clip_samples_per_s=theirs["samples_per_s"])
     ratio = vlm["samples_per_s"] / theirs["samples_per_s"]
     return {
@@ -166,12 +170,34 @@ def clip_row(c: dict, tmp: Path, cuda: bool, threads: int) -> dict:
     }
 
 
-def _logged_max(tmp: Path, run_id: str, key: str) -> float | None:
-    import mlflow
+class GpuMemory:
+    """Peak device memory in use (all processes, sampled every 0.2 s from the driver's view of the GPU,
+    less what was in use before) while a training command runs in other processes; None without CUDA."""
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlruns.db'}")
-    values = [m.value for m in client.get_metric_history(run_id, key)]
-    return max(values) if values else None
+    def __init__(self, cuda: bool):
+        self.cuda, self.peak_gib = cuda, None
+        self._stop = threading.Event()
+
+    def _used(self) -> int:
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            self._peak = max(self._peak, self._used())
+
+    def __enter__(self) -> GpuMemory:
+        if self.cuda:
+            self._base = self._peak = self._used()
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self._stop.set()
+            self._thread.join()
+            self.peak_gib = (self._peak - self._base) / 2**30
 
 
 # ----------------------------------------------------------------------------- capfilt, clipscore
@@ -278,7 +304,8 @@ def table(res: dict) -> str:
             "",
         )
     )
-    rows.append(("", "vlm GPU memory peak GiB", _fmt(c["vlm"]["gpu_memory_peak_gib"], ".2f"), "", "", "", ""))
+    vlm_mem, their_mem = c["vlm"]["gpu_memory_peak_gib"], c["open_clip"]["gpu_memory_peak_gib"]
+    rows.append(("", "GPU memory peak GiB vlm / open_clip", _fmt(vlm_mem, ".2f"), _fmt(their_mem, ".2f"), "", "", ""))
     fl = res["rows"]["flamingo"]
     for stage, r in fl["stages"].items():
         rows.append(
