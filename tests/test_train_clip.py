@@ -70,21 +70,27 @@ def _embeddings(model, tokenizer):
         return model.encode_image(images), model.encode_text(tokenizer(["a handwritten seven", "the digit 2", "x"]))
 
 
+@pytest.mark.timeout(600)  # 200 steps: ~1 min of training on 2 busy cores, beside start-up and eval
 def test_zero2_trains_exports_and_reloads(tmp_path, digit_shards, ray_local, mlflow_store):
-    """ZeRO-2 on 2 workers: loss goes down, the export reloads in open_clip with the checkpoint's weights."""
+    """ZeRO-2 on 2 workers: zero-shot well above chance, the export reloads in open_clip with the checkpoint's
+    weights. Tiny CLIP's loss stays near ln(32) for ~150 steps of 32 (16 steps were at chance, 10%); 200 steps
+    (~17 passes over 384 digits) reached 28% top-1, as did 300, so at least 20% is asked for."""
     import open_clip
 
     from vlm.models.clip.build import register_presets
     from vlm.train.loop import consolidate_zero_checkpoint
 
-    result = train_clip(str(digit_shards), tmp_path / "run", cfg_for("deepspeed.zero_stage=2", "train.max_steps=16"))
+    cfg = cfg_for("deepspeed.zero_stage=2", "train.max_steps=200", "train.log_every=25")
+    result = train_clip(str(digit_shards), tmp_path / "run", cfg)
     losses = _metric_history(mlflow_store, result["mlflow_run_id"], "loss")
     assert len(losses) == 8 and losses[-1][1] < losses[0][1] - 0.3, losses
     assert _metric_history(mlflow_store, result["mlflow_run_id"], "data_wait_fraction")
+    scales = _metric_history(mlflow_store, result["mlflow_run_id"], "logit_scale")  # reported by the CLIP task
+    assert len(scales) == 8 and all(1.0 < v <= 100.0 for _, v in scales), scales
     if Path("/proc/thread-self/schedstat").exists():
         cpu_wait = _metric_history(mlflow_store, result["mlflow_run_id"], "cpu_wait_fraction")
         assert len(cpu_wait) == 8 and all(0.0 <= v <= 1.0 for _, v in cpu_wait), cpu_wait
-    assert result["steps"] == 16 and 0.0 <= result["eval"]["zeroshot_top1"] <= 1.0
+    assert result["steps"] == 200 and result["eval"]["zeroshot_top1"] >= 0.2, result["eval"]
 
     # The export loads with open_clip alone, by local dir and by preset name + file.
     export = Path(result["export"])

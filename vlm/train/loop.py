@@ -122,7 +122,6 @@ class Worker:
     logger: object | None  # vlm.tracking.AsyncMetricLogger on rank 0 of a tracked run
     window: _Window = field(default_factory=lambda: _Window())
     last_reported: int = -1  # the step of the latest checkpoint reported to Ray Train
-    skips_seen: int = 0  # skipped samples already printed by rank 0
 
 
 def setup(task: TrainTask, spec: LoopSpec) -> Worker:
