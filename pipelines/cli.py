@@ -135,48 +135,36 @@ def _add_job_address(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _cmd_ingest(args) -> int:
-    from pipelines.ingest import IngestConfig, ingest, summary_table
+def _shard_stage(args, config_cls, run, summary_table, **extra) -> int:
+    """Run a shard stage from its command line; print its summary table, output and MLflow run."""
     from vlm import tracking
     from vlm.config import load_config
 
-    cfg = load_config(IngestConfig, args.config, args.overrides)
-    manifest = ingest(
-        args.input, args.output, cfg, retry_failed=args.retry_failed, address=args.address, show_progress=not args.quiet
-    )
+    cfg = load_config(config_cls, args.config, args.overrides)
+    manifest = run(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet, **extra)
     print(summary_table(manifest))
     print(f"output: {Path(args.output).resolve()}  ({manifest['num_shards']} shard(s), _SUCCESS written)")
     if manifest.get("mlflow_run_id"):
         print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint(manifest['mlflow_run_id'])})")
     return 0
+
+
+def _cmd_ingest(args) -> int:
+    from pipelines.ingest import IngestConfig, ingest, summary_table
+
+    return _shard_stage(args, IngestConfig, ingest, summary_table, retry_failed=args.retry_failed)
 
 
 def _cmd_clean(args) -> int:
     from pipelines.clean import CleanConfig, clean, summary_table
-    from vlm import tracking
-    from vlm.config import load_config
 
-    cfg = load_config(CleanConfig, args.config, args.overrides)
-    manifest = clean(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet)
-    print(summary_table(manifest))
-    print(f"output: {Path(args.output).resolve()}  ({manifest['num_shards']} shard(s), _SUCCESS written)")
-    if manifest.get("mlflow_run_id"):
-        print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint(manifest['mlflow_run_id'])})")
-    return 0
+    return _shard_stage(args, CleanConfig, clean, summary_table)
 
 
 def _cmd_capfilt(args) -> int:
     from pipelines.capfilt import CapfiltConfig, capfilt, summary_table
-    from vlm import tracking
-    from vlm.config import load_config
 
-    cfg = load_config(CapfiltConfig, args.config, args.overrides)
-    manifest = capfilt(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet)
-    print(summary_table(manifest))
-    print(f"output: {Path(args.output).resolve()}  ({manifest['num_shards']} shard(s), _SUCCESS written)")
-    if manifest.get("mlflow_run_id"):
-        print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint(manifest['mlflow_run_id'])})")
-    return 0
+    return _shard_stage(args, CapfiltConfig, capfilt, summary_table)
 
 
 def _cmd_train(args) -> int:

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -188,24 +186,6 @@ class Progress:
 # ----------------------------------------------------------------------------- checks and plan
 
 
-def check_output(out: Path) -> None:
-    """The output path is a directory or can be made one, and is writable: else one InputError."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} is a file, not a directory")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"output {out}: {probe} is a file, not a directory")
-    try:
-        fd, name = tempfile.mkstemp(dir=probe, prefix=".vlm-write-check-")
-    except OSError:
-        raise InputError(f"output {out}: {probe} is not writable") from None
-    os.close(fd)
-    os.unlink(name)
-
-
 def _plan_path(out: Path) -> Path:
     return out / PLAN_DIR / PLAN_FILE
 
@@ -340,7 +320,7 @@ def run(
     from vlm.runtime import init_ray
 
     out, cfg = stage.out, stage.cfg
-    check_output(out)
+    sh.check_output_dir(out)
     stage.check()
     fingerprint = {"content_hash": stage.content_hash(), "inputs": stage.inputs()}
     plan = existing_plan(stage, fingerprint)

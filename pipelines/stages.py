@@ -245,12 +245,17 @@ def _trainer_context(cfg, context) -> dict:
     return {"parent_run_id": context.parent_run_id}
 
 
-def run_train_clip(input, output, cfg, params: NoParams, address, context) -> dict:
-    from pipelines.train_clip import train_clip
+def _trainer(entry: str, kind: str) -> Callable[..., dict]:
+    """The `run` of a trainer kind: `entry` ("module:function") on the stage's shard directories,
+    continuing its own interrupted run."""
 
-    kw = _trainer_context(cfg, context)
-    result = train_clip(_data(input, "train-clip"), output, cfg, resume=_resume(output), address=address, **kw)
-    return _train_result(result)
+    def run(input, output, cfg, params, address, context) -> dict:
+        module, _, name = entry.partition(":")
+        train = getattr(importlib.import_module(module), name)
+        kw = _trainer_context(cfg, context)
+        return _train_result(train(_data(input, kind), output, cfg, resume=_resume(output), address=address, **kw))
+
+    return run
 
 
 @dataclass
@@ -261,29 +266,12 @@ class TrainBlipParams(NoParams):
         return _set([("task", self.task)])
 
 
-def run_train_blip(input, output, cfg, params: TrainBlipParams, address, context) -> dict:
-    """`vlm train blip`."""
-    from pipelines.train_blip import train_blip
-
-    kw = _trainer_context(cfg, context)
-    result = train_blip(_data(input, "train-blip"), output, cfg, resume=_resume(output), address=address, **kw)
-    return _train_result(result)
-
-
 @dataclass
 class TrainFlamingoParams(NoParams):
     clip: str | None = None  # a CLIP export for the frozen vision encoder: vision_checkpoint
 
     def overrides(self) -> list[str]:
         return _set([("vision_checkpoint", self.clip)])
-
-
-def run_train_flamingo(input, output, cfg, params: TrainFlamingoParams, address, context) -> dict:
-    from pipelines.train_flamingo import train_flamingo
-
-    kw = _trainer_context(cfg, context)
-    result = train_flamingo(_data(input, "train-flamingo"), output, cfg, resume=_resume(output), address=address, **kw)
-    return _train_result(result)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -322,8 +310,18 @@ KINDS: dict[str, Kind] = {
     "clean": Kind(run_clean, "pipelines.clean:CleanConfig", CleanParams),
     "clipscore": Kind(run_clean, "pipelines.clean:CleanConfig", CleanParams),
     "capfilt": Kind(run_capfilt, "pipelines.capfilt:CapfiltConfig", CapfiltParams),
-    "train-blip": Kind(run_train_blip, "pipelines.train_blip:TrainBlipConfig", TrainBlipParams),
-    "train-clip": Kind(run_train_clip, "pipelines.train_clip:TrainClipConfig"),
-    "train-flamingo": Kind(run_train_flamingo, "pipelines.train_flamingo:TrainFlamingoConfig", TrainFlamingoParams),
+    "train-blip": Kind(
+        _trainer("pipelines.train_blip:train_blip", "train-blip"),
+        "pipelines.train_blip:TrainBlipConfig",
+        TrainBlipParams,
+    ),
+    "train-clip": Kind(
+        _trainer("pipelines.train_clip:train_clip", "train-clip"), "pipelines.train_clip:TrainClipConfig"
+    ),
+    "train-flamingo": Kind(
+        _trainer("pipelines.train_flamingo:train_flamingo", "train-flamingo"),
+        "pipelines.train_flamingo:TrainFlamingoConfig",
+        TrainFlamingoParams,
+    ),
     "compare": Kind(run_compare, None, CompareParams),
 }

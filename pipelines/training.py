@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -168,19 +167,9 @@ def _result(out: Path, result, mlrun, skips) -> dict:
 
 def check_output(output) -> Path:
     """The resolved output directory; InputError (one line, before Ray starts) if it cannot be one."""
-    out = Path(output).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} is a file, not a directory")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"cannot create output {out}: {probe} is a file, not a directory")
-    try:  # os.access says yes to root on a read-only mount; a real write says what will happen
-        os.rmdir(tempfile.mkdtemp(prefix=".vlm-write-check-", dir=probe))
-    except OSError as exc:
-        raise InputError(f"cannot write output {out}: {probe} is not writable ({exc.strerror})") from None
-    return out
+    from vlm.data.shards import check_output_dir
+
+    return check_output_dir(output)
 
 
 def find_shards(spec: str) -> list[str]:

@@ -74,10 +74,10 @@ def test_output_that_is_a_file_or_unwritable_fails_before_ray(stage, tmp_path):
     a_file.write_text("not a directory")
     with pytest.raises(InputError, match=re.escape(f"output {a_file} is a file, not a directory")):
         run(a_file)
-    with pytest.raises(InputError, match=re.escape(f"output {a_file / 'sub'}: {a_file} is a file")):
+    with pytest.raises(InputError, match=re.escape(f"cannot create output {a_file / 'sub'}: {a_file} is a file")):
         run(a_file / "sub")
     locked = _unwritable_dir(tmp_path)
-    with pytest.raises(InputError, match=re.escape(f"{locked} is not writable")):
+    with pytest.raises(InputError, match=re.escape(f"cannot write output {locked / 'out'}: {locked} is not writable")):
         run(locked / "out")
     assert ray.is_initialized() == started  # refused before Ray was started
 

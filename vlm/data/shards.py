@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -191,6 +192,26 @@ def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
             key, _, ext = member.name.partition(".")
             samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     return samples
+
+
+def check_output_dir(output: str | Path) -> Path:
+    """The resolved output directory; InputError (one line, before any work) if it cannot be one:
+    a file at the path or above it, or a directory this process cannot write into."""
+    from vlm.errors import InputError
+
+    out = Path(output).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} is a file, not a directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot create output {out}: {probe} is a file, not a directory")
+    try:  # os.access says yes to root on a read-only mount; a real write says what will happen
+        os.rmdir(tempfile.mkdtemp(prefix=".vlm-write-check-", dir=probe))
+    except OSError as exc:
+        raise InputError(f"cannot write output {out}: {probe} is not writable ({exc.strerror})") from None
+    return out
 
 
 def write_success(out: Path, manifest: dict) -> None:
