@@ -214,6 +214,42 @@ def test_demo_outputs_named_in_docs_are_demo_stages():
                 assert name in stages, f"{page.name}: `vlm {shlex.join(argv)}`: demo_out/{name} is no demo stage"
 
 
+def _architecture_paths() -> list[str]:
+    """The paths of the README's architecture map (the tree block under "## Architecture")."""
+    section = README.read_text().split("\n## Architecture", 1)[1]
+    tree = _fenced(section)[0]
+    paths, stack = [], []
+    for line in tree.splitlines():
+        if not line.strip():
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        stack = [*stack[:depth], name.rstrip("/")]
+        paths.append("/".join(stack) + ("/" if name.endswith("/") else ""))
+    return paths
+
+
+def test_architecture_map_names_existing_paths():
+    """Every file and directory in the README's architecture map exists."""
+    paths = _architecture_paths()
+    assert {"vlm/", "pipelines/", "pipelines/cli.py"} <= set(paths)
+    missing = [p for p in paths if not (ROOT / p).exists() or (p.endswith("/") != (ROOT / p).is_dir())]
+    assert not missing, f"README architecture map names paths that are not there: {missing}"
+
+
+def test_pipeline_kinds_and_params_are_documented():
+    """docs/pipelines.md names every stage kind a pipeline file can use and each kind's params."""
+    from pipelines.stages import KINDS
+
+    text = (ROOT / "docs" / "pipelines.md").read_text()
+    missing = [kind for kind in KINDS if f"`{kind}`" not in text]
+    for kind, spec in KINDS.items():
+        params = getattr(spec, "params_cls", None)
+        if params is not None and dataclasses.is_dataclass(params):
+            missing += [f"{kind}.params.{f.name}" for f in dataclasses.fields(params) if f"`{f.name}`" not in text]
+    assert not missing, f"undocumented in docs/pipelines.md: {missing}"
+
+
 def _keys(cls, prefix: str = ""):
     import typing
 
