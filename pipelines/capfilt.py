@@ -358,18 +358,10 @@ def _shard_sizes(in_dir: Path, shards: list[int]) -> dict[int, int]:
     return sizes
 
 
-def capfilt(
-    input_dir: str | Path,
-    output: str | Path,
-    cfg: CapfiltConfig,
-    *,
-    address: str | None = None,
-    show_progress: bool = True,
-    context=None,
-) -> dict:
-    """Run CapFilt over the shards in `input_dir`, writing `output`. Returns the manifest."""
-    stage = CapfiltStage(cfg, input_dir, output)
-    return shard_stage.run(stage, address=address, show_progress=show_progress, context=context)
+capfilt = shard_stage.entrypoint(
+    CapfiltStage,
+    "Run CapFilt over the shards in a shard directory. Returns the manifest (this invocation's figures under `run`).",
+)
 
 
 def summary_table(manifest: dict) -> str:

@@ -266,18 +266,10 @@ class CleanStage(shard_stage.ShardDirStage):
         return [f"steps: {steps}"] if steps else []
 
 
-def clean(
-    input_dir: str | Path,
-    output: str | Path,
-    cfg: CleanConfig,
-    address: str | None = None,
-    show_progress: bool = True,
-    *,
-    context=None,
-) -> dict:
-    """Run the clean stage. Returns the manifest (with this invocation's figures under `run`)."""
-    stage = CleanStage(cfg, input_dir, output)
-    return shard_stage.run(stage, address=address, show_progress=show_progress, context=context)
+clean = shard_stage.entrypoint(
+    CleanStage,
+    "Run the clean stage over a shard directory. Returns the manifest (this invocation's figures under `run`).",
+)
 
 
 def summary_table(manifest: dict) -> str:

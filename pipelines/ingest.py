@@ -209,8 +209,8 @@ class IngestStage(shard_stage.ShardStage):
     kept_label = dl.SUCCESS
     dropped_prefix = ""
 
-    def __init__(self, input_spec: str | list[str], output: str | Path, cfg: IngestConfig):
-        super().__init__(cfg, output)
+    def __init__(self, cfg: IngestConfig, input_spec: str | list[str], output: str | Path):
+        super().__init__(cfg, input_spec, output)
         self.paths = expand_inputs(input_spec)
 
     def check(self) -> None:
@@ -284,21 +284,11 @@ class IngestStage(shard_stage.ShardStage):
         return lines
 
 
-def ingest(
-    input_spec: str | list[str],
-    output: str | Path,
-    cfg: IngestConfig,
-    *,
-    retry_failed: bool = False,
-    address: str | None = None,
-    show_progress: bool = True,
-    context=None,
-) -> dict:
-    """Run the ingest stage. Returns the manifest (with this invocation's figures under `run`)."""
-    stage = IngestStage(input_spec, output, cfg)
-    return shard_stage.run(
-        stage, address=address, show_progress=show_progress, context=context, retry_failed=retry_failed
-    )
+ingest = shard_stage.entrypoint(
+    IngestStage,
+    """Run the ingest stage over URL list files (a path, glob or list). Returns the manifest, with
+    this invocation's figures under `run`; `retry_failed` also redoes retryable failures.""",
+)
 
 
 def summary_table(manifest: dict) -> str:

@@ -49,8 +49,9 @@ class ShardStage:
     kept_label = "kept"  # the summary table's name for kept samples ("success" for ingest)
     dropped_prefix = "dropped: "  # and the prefix of its dropped rows
 
-    def __init__(self, cfg: Any, output: str | Path):
+    def __init__(self, cfg: Any, input: Any, output: str | Path):
         self.cfg = cfg
+        self.input = input
         self.out = Path(output)
 
     # -- required
@@ -117,7 +118,7 @@ class ShardDirStage(ShardStage):
     """A stage that reads a whole shard directory (clean, capfilt): one output shard per input."""
 
     def __init__(self, cfg: Any, input_dir: str | Path, output: str | Path):
-        super().__init__(cfg, output)
+        super().__init__(cfg, input_dir, output)
         self.in_dir = Path(input_dir)
         self._shards: list[int] | None = None
 
@@ -387,6 +388,20 @@ def run(
             run_.log_dict(manifest, "manifest.json")
             stage.log_artifacts(run_, shards, manifest)
     return manifest | {"run": run_info, "where": where}
+
+
+def entrypoint(stage_class: type[ShardStage], doc: str):
+    """`stage(input, output, cfg, *, address, show_progress, context, retry_failed) -> manifest`:
+    `run` of a new `stage_class(cfg, input, output)`; `retry_failed` where the stage has retries."""
+
+    def run_stage(
+        input, output, cfg, *, address: str | None = None, show_progress: bool = True, context=None, retry_failed=False
+    ) -> dict:
+        stage = stage_class(cfg, input, output)
+        return run(stage, address=address, show_progress=show_progress, context=context, retry_failed=retry_failed)
+
+    run_stage.__doc__ = doc
+    return run_stage
 
 
 def summary_table(stage: type[ShardStage], manifest: dict) -> str:
