@@ -88,11 +88,15 @@ def test_noisy_caption_sets_name_the_right_and_a_wrong_digit():
 
 @pytest.mark.slow
 def test_captioner_trains_on_two_workers_and_exports_for_capfilt(tmp_path, digit_shards, ray_local, mlflow_store):
-    """ZeRO-2 on 2 workers: loss logged, gallery + eval in MLflow, export loads as BlipConfig(pretrained=...)."""
-    result = train_blip(str(digit_shards), tmp_path / "run", cfg_for("captioner"))
-    assert result["steps"] == 4 and 0.0 <= result["eval"]["caption_digit_acc"] <= 1.0
+    """ZeRO-2 on 2 workers: the LM loss falls, gallery + eval in MLflow, export loads as BlipConfig(pretrained=...).
+
+    20 steps from scratch start on the caption templates (loss 5.35 -> 4.99 measured), not yet on the digit:
+    no held-out caption named the right one (the demo config needs ~1000 steps for 85%), so no eval threshold.
+    """
+    result = train_blip(str(digit_shards), tmp_path / "run", cfg_for("captioner", "train.max_steps=20"))
+    assert result["steps"] == 20 and {"caption_digit_acc", "caption_names_a_digit"} <= set(result["eval"])
     losses, artifacts = _mlflow(mlflow_store, result["mlflow_run_id"])
-    assert [s for s, _ in losses] == [2, 4] and all(np.isfinite(v) for _, v in losses)
+    assert [s for s, _ in losses] == list(range(2, 21, 2)) and losses[-1][1] < losses[0][1] - 0.2, losses
     assert {"caption_gallery.png", "captions.txt", "config.yaml", "model"} <= artifacts
     assert "task: captioner" in (tmp_path / "run" / "config.yaml").read_text()
 
@@ -109,7 +113,9 @@ def test_filter_trains_on_two_workers_exports_and_resumes(tmp_path, digit_shards
     result = train_blip(str(digit_shards), out, cfg_for("filter"))
     ev = result["eval"]
     assert result["steps"] == 4
-    assert {"noise_precision", "noise_recall", "auc", "best_threshold"} <= set(ev) and 0.0 <= ev["auc"] <= 1.0
+    # From scratch the filter needs ~400 steps of 64 to separate noise (demo config: AUC 0.97); at test size
+    # (even 150 steps of 16, measured) ITC stays at ln(batch) and AUC near 0.5, so only the metrics' presence.
+    assert {"noise_precision", "noise_recall", "auc", "best_threshold"} <= set(ev)
     _, artifacts = _mlflow(mlflow_store, result["mlflow_run_id"])
     assert {"filter_scores.png", "filter_scores.tsv", "model"} <= artifacts
 
