@@ -298,9 +298,19 @@ def run_compare(input, output, cfg, params: CompareParams, address, context) -> 
         if not run_id:
             raise InputError(f"compare stage: {d} has no MLflow run to compare")
         run_ids.append(run_id)
+    from vlm import tracking
+
     report = compare_runs(run_ids, output=Path(output) / "report.html")
     print(report["table"])
-    return {"metrics": {}}
+    # The report belongs where runs are compared: in MLflow, as artifacts of this stage's run.
+    with tracking.start_run("compare", "compare", tags={"vlm.compared": ",".join(run_ids)}, context=context) as run:
+        if run:
+            run.log_text(report["table"], "comparison.txt")
+            for path in (report["html"], report["png"]):
+                if path is not None:
+                    run.log_artifact(path)
+            run.log_metrics({"runs_compared": len(run_ids)})
+    return {"metrics": {"runs_compared": len(run_ids)}, "mlflow_run_id": run.run_id if run else None}
 
 
 KINDS: dict[str, Kind] = {

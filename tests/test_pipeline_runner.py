@@ -215,3 +215,23 @@ def test_clean_stage_with_clip_checkpoint_from_params(tmp_path, ray_local, mlflo
     again = load_pipeline(path, [f"clip.params.clip={tmp_path / 'clip2'}"])
     assert run_pipeline(again, log=quiet)["stages"]["clip"]["status"] == "ran"
     assert json.loads((tmp_path / "out" / "clip" / "_stage.json").read_text())["fingerprint"] != first
+
+
+def test_compare_stage_logs_its_report_to_mlflow(tmp_path, ray_local, mlflow_store):
+    """The compare stage's report (HTML, table) is an artifact of its own nested run, with lineage."""
+    import mlflow
+
+    stages = {
+        "a": {"kind": "digits", "params": {"n": 10}},
+        "b": {"kind": "digits", "params": {"n": 12}},
+        "cmp": {"kind": "compare", "params": {"stages": ["${a}", "${b}"]}},
+    }
+    result = run_pipeline(load_pipeline(write_pipeline(tmp_path, stages, name="cmp")), log=quiet)
+    assert not result["failed"], result
+    client = mlflow.MlflowClient(mlflow_store)
+    run_id = result["stages"]["cmp"]["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == result["mlflow_run_id"] and run.info.run_name == "cmp"
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"report.html", "comparison.txt", "lineage.json"} <= artifacts
+    assert (tmp_path / "out" / "cmp" / "report.html").is_file()
