@@ -61,7 +61,7 @@ def summary(pipeline, result: dict) -> str:
         lines.append(f"  comparison report: {report}")
     lines.append(f"  outputs:     {pipeline.output}")
     lines.append(f"  mlflow runs: {tracking.tracking_uri()} (experiment {pipeline.experiment!r})")
-    lines.append(f"  open the UI: {tracking.ui_hint()}")
+    lines.append(f"  open the UI: {tracking.ui_hint(result.get('mlflow_run_id'))}")
     return "\n".join(lines)
 
 
