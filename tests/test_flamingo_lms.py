@@ -176,6 +176,28 @@ def test_training_steps_move_only_the_trainable_parts(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", LMS)
+def test_gradient_checkpointing_gives_the_same_gradients(arch, tmp_path):
+    """model.gradient_checkpointing (LM layers and cross-attention blocks recomputed) changes no gradient."""
+    import dataclasses
+
+    cfg, model, tok = around(save_lm(arch, tmp_path / "lm"))
+    torch.manual_seed(1)
+    checkpointed, _ = build_flamingo(dataclasses.replace(cfg, gradient_checkpointing=True))
+    images, ids = batch(tok)
+    grads = []
+    for m in (model, checkpointed):
+        with torch.no_grad():
+            for layer in m.flamingo_layers():
+                layer.gated_xattn.attn_gate.fill_(0.5)  # open, so the LM's gradients reach the resampler
+        torch.manual_seed(3)  # the same dropout masks in both (recomputation replays the RNG state)
+        m.train()(images, ids, labels=ids)["loss"].backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", LMS)
 def test_export_reloads_without_the_lm_directory_and_runs_the_kshot_eval(arch, tmp_path):
     """The export carries the directory's LM config: it reloads strictly after the directory is gone, gives
     the same logits, and the few-shot digit eval runs on it."""
