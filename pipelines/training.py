@@ -74,11 +74,12 @@ def run(task: Task, cfg, data: str, output, *, resume=False, address=None, paren
     from vlm import tracking
     from vlm.config import write_config
     from vlm.data.shard_check import check_shards
+    from vlm.data.shards import check_output_dir
     from vlm.data.skips import over_limit_message, skip_counter
     from vlm.runtime import init_ray
     from vlm.train.config import deepspeed_config, micro_batch_size
 
-    out = check_output(output)
+    out = check_output_dir(output)
     shards = find_shards(data)
     task.check()
     micro = micro_batch_size(cfg.train, cfg.scaling.num_workers)
@@ -163,13 +164,6 @@ def _result(out: Path, result, mlrun, skips) -> dict:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "samples_skipped": int(ray.get(skips.total.remote())),
     }
-
-
-def check_output(output) -> Path:
-    """The resolved output directory; InputError (one line, before Ray starts) if it cannot be one."""
-    from vlm.data.shards import check_output_dir
-
-    return check_output_dir(output)
 
 
 def find_shards(spec: str) -> list[str]:
