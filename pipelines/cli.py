@@ -27,6 +27,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show Ray workers' output and other libraries' notices"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="download URL lists into WebDataset shards (Ray Data)")
@@ -310,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.parse_args(argv)  # argparse's own error for what is really unknown
         args.overrides = [*(args.overrides or []), *extra]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from vlm.logs import quiet_libraries, set_console
+
+    set_console(verbose=args.verbose, quiet=args.quiet)
+    quiet_libraries()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:
         return COMMANDS[args.command](args)

@@ -76,8 +76,10 @@ def run(task: Task, cfg, data: str, output, *, resume=False, address=None, paren
     from vlm.data.shard_check import check_shards
     from vlm.data.shards import check_output_dir
     from vlm.data.skips import over_limit_message, skip_counter
+    from vlm.logs import progress_enabled, ray_logs_dir, verbose
     from vlm.runtime import init_ray
     from vlm.train.config import deepspeed_config, micro_batch_size
+    from vlm.train.progress import TrainProgress, step_board
 
     out = check_output_dir(output)
     shards = find_shards(data)
@@ -122,8 +124,12 @@ def run(task: Task, cfg, data: str, output, *, resume=False, address=None, paren
 
         skips = skip_counter()
         spec = loop_spec(cfg, ds_config, micro, out, run_id)
-        spec.skips, spec.max_skipped = skips, max_skipped
-        result = fit(_worker, {"task": task, "spec": spec}, cfg, out, run_name, task.dataset(shards, skips))
+        spec.skips, spec.max_skipped, spec.board = skips, max_skipped, step_board()
+        logs = ray_logs_dir()
+        if logs and not verbose():
+            print(f"{task.kind}: worker logs in {logs} (vlm -v shows them here)", file=sys.stderr, flush=True)
+        with TrainProgress(spec.board, cfg.train.max_steps, desc=task.kind, enabled=progress_enabled()):
+            result = fit(_worker, {"task": task, "spec": spec}, cfg, out, run_name, task.dataset(shards, skips))
         message = over_limit_message(skips, max_skipped, total)
         if message:
             raise InputError(message)

@@ -41,3 +41,33 @@ def ray_local():
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+# What other libraries print on every run, which a user's console must not show by default (vlm -v does).
+CONSOLE_NOISE = (
+    "PreemptionWatcher",
+    "RayDeprecationWarning",
+    "exclude_resources",
+    "Setting accelerator to CPU",
+    "No CUDA runtime is found",
+    "Attempting to get learning rate from scheduler",
+    "Progress bars disabled",
+    "Token authentication is enabled",
+    "[train] step",  # a worker's log line; the driver draws the bar instead
+)
+
+
+@pytest.fixture
+def clean_console():
+    """A check of a command's default console output: none of CONSOLE_NOISE, no line printed twice."""
+
+    def check(text: str) -> None:
+        lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+        noisy = [line for line in lines if any(n in line for n in CONSOLE_NOISE)]
+        assert not noisy, f"library noise on the console: {noisy[:5]}"
+        # tqdm redraws its bar on purpose; a table repeats its rules
+        plain = [line for line in lines if "%|" not in line and any(c.isalnum() for c in line)]
+        twice = sorted({line for line in plain if plain.count(line) > 1})
+        assert not twice, f"printed more than once: {twice[:5]}"
+
+    return check

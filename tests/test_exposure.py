@@ -73,6 +73,12 @@ def watched_run(tmp_path_factory):
     return tmp, proc.returncode, out + err, sockets
 
 
+def test_default_console_is_ours_only(watched_run, clean_console):
+    _, rc, console, _ = watched_run
+    assert rc == 0, console[-2000:]
+    clean_console(console)
+
+
 def test_local_ray_listens_on_loopback_only(watched_run):
     _, rc, console, sockets = watched_run
     assert rc == 0, console[-2000:]

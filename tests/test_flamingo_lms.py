@@ -313,7 +313,7 @@ def test_missing_or_unfit_lm_directory_is_a_one_line_error(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # ~2.5 min alone; several times that on a machine shared with other test runs
-def test_cli_trains_flamingo_around_an_lm_directory(tmp_path, mlflow_store):
+def test_cli_trains_flamingo_around_an_lm_directory(tmp_path, mlflow_store, clean_console):
     """`vlm train flamingo ... model.lm_name_or_path=DIR` (Qwen2) trains on 2 ZeRO-3 workers (the gates move),
     exports the directory's LM and reloads the export for the k-shot eval: exit 0."""
     from vlm.testbed.digit_shards import write_digit_shards
@@ -347,6 +347,7 @@ def test_cli_trains_flamingo_around_an_lm_directory(tmp_path, mlflow_store):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fewshot_2_acc" in proc.stdout
+    clean_console(proc.stdout + proc.stderr)
     model_cfg = json.loads((out / "model_config.json").read_text())
     assert model_cfg["lm_name_or_path"] == str(lm_dir) and model_cfg["lm_config"] is None
     export = json.loads(next(out.rglob("flamingo_config.json")).read_text())

@@ -8,6 +8,8 @@ with a one-line `ClusterError` rather than hanging.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -32,6 +34,9 @@ def _configure_ray_data() -> None:
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled" notice
+    from vlm.logs import quiet_libraries
+
+    quiet_libraries()
 
 
 # Ray's switch for "this node is a laptop, not a cluster member" (its default on macOS and
@@ -62,6 +67,24 @@ def _loopback_only() -> Iterator[None]:
             os.environ.pop(_LOOPBACK_SWITCH, None)
         else:
             os.environ[_LOOPBACK_SWITCH] = saved_env
+
+
+def _is_loopback_address(address: str) -> bool:
+    target = address.split("://", 1)[1] if "://" in address else address
+    host = target.rstrip("/").rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def log_to_driver() -> bool:
+    """Ray workers' output on this console only with `vlm -v`: by default it stays in Ray's logs."""
+    from vlm.logs import verbose
+
+    return verbose()
 
 
 def _reachable(address: str, timeout_s: float = 3.0) -> bool:
@@ -100,8 +123,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
             raise ClusterError(
                 f"cannot reach Ray at {address}: nothing is listening there (check --address / RAY_ADDRESS)"
             )
+        # A Ray on loopback (one this machine's vlm started) only works for a driver whose own node
+        # address is loopback too: otherwise it looks for its raylet at the LAN address.
+        scope = _loopback_only() if _is_loopback_address(address) else contextlib.nullcontext()
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            with scope:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver())
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ClusterError(f"cannot connect to Ray at {address}: {first}") from None
@@ -122,7 +149,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
                     include_dashboard=dashboard,
                     dashboard_host="127.0.0.1",
                     logging_level=logging.WARNING,
-                    log_to_driver=True,
+                    log_to_driver=log_to_driver(),
                 )
         except Exception as exc:  # e.g. "node timed out during startup" on an overloaded machine
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -76,6 +76,7 @@ class LoopSpec:
     malloc_keep_mb: int = 0  # see vlm/train/malloc.py
     skips: object | None = None  # the run's vlm.data.skips counter (a Ray actor handle); None: not counted
     max_skipped: int = 0  # corrupt samples skipped beyond this stop the run (train.max_skipped_fraction)
+    board: object | None = None  # the driver's vlm.train.progress.StepBoard (a Ray actor handle); None: no bar
 
 
 def _set_seed(seed: int) -> None:
@@ -132,12 +133,14 @@ def setup(task: TrainTask, spec: LoopSpec) -> Worker:
     import deepspeed
     import ray.train
 
+    from vlm.logs import quiet_libraries, verbose
     from vlm.tracking import AsyncMetricLogger
     from vlm.train.config import param_groups
     from vlm.train.malloc import keep_freed_memory
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING if verbose() else logging.ERROR)
+    quiet_libraries()
     torch.set_num_threads(spec.torch_threads)
     keep_freed_memory(spec.malloc_keep_mb)
     ctx = ray.train.get_context()
@@ -238,7 +241,9 @@ def _after_update(w: Worker) -> bool:
             metrics.update(lr=w.engine.get_lr()[0], epoch=state["epoch"], samples_skipped=skipped)
             if w.logger:
                 w.logger.log(metrics, step=step)
-            print(_progress_line(step, spec.max_steps, metrics), flush=True)
+            print(_progress_line(step, spec.max_steps, metrics), flush=True)  # the worker log; -v: the console
+            if spec.board is not None:
+                spec.board.report.remote(step, spec.max_steps, metrics)  # the driver's progress bar
         if skipped > spec.max_skipped:
             return False
     if step % spec.checkpoint_every == 0 or step == spec.max_steps:
