@@ -129,9 +129,13 @@ class ShardDirStage(ShardStage):
         return self._shards
 
     def check(self) -> None:
+        from vlm.data.shard_check import check_shards
+
         self.input_shards  # noqa: B018  (raises InputError for an unfinished input)
         if self.out.resolve() == self.in_dir.resolve():
             raise InputError("--output must differ from --input")
+        # Tar headers only: a truncated or foreign shard is one line naming it now, not a failed Ray task.
+        check_shards([str(sh.tar_path(self.in_dir, s)) for s in self.input_shards], 0, allow_empty=True)
 
     def inputs(self) -> list[dict]:
         return [{"path": str(self.in_dir.resolve()), "digest": manifest_digest(self.in_dir)}]

@@ -130,3 +130,17 @@ def test_three_stages_log_the_same_metric_names(tmp_path, web, ray_local, mlflow
     assert "dropped_failed_to_download" in names["ingest"]
     assert {"success_rate", "bytes"} <= names["ingest"] and "step_dedup_dropped" in names["clean"]
     assert "filter_precision" in names["capfilt"]
+
+
+@pytest.mark.parametrize("stage", ["clean", "capfilt"])
+def test_a_broken_input_shard_fails_before_ray_naming_it(stage, tmp_path):
+    """A truncated input tar or one of foreign files: one InputError naming the shard, nothing written."""
+    src = tmp_path / "in"
+    write_digit_shards(src, 30, samples_per_shard=10, image_size=16)
+    shards = sorted(src.glob("*.tar"))
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    run, cfg = (clean, CleanConfig()) if stage == "clean" else (capfilt, CapfiltConfig())
+    with pytest.raises(InputError, match=rf"shard {re.escape(str(shards[1]))} is truncated"):
+        run(str(src), tmp_path / "out", cfg, show_progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -47,8 +47,9 @@ def _is_plain_tar(path: str) -> bool:
     return not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"))
 
 
-def count_shard(path: str) -> ShardCount:
-    """Samples of one shard; InputError (one line naming it) if it is unreadable, truncated or holds none."""
+def count_shard(path: str, allow_empty: bool = False) -> ShardCount:
+    """Samples of one shard; InputError (one line naming it) if it is unreadable, truncated or (unless
+    `allow_empty`: a data stage's input shard may hold no samples, all failed or filtered) holds none."""
     size = os.path.getsize(path)
     plain = _is_plain_tar(path)
     members: dict[str, set[str]] = {}
@@ -74,7 +75,7 @@ def count_shard(path: str) -> ShardCount:
                 last = f" after member {names[-1]}" if names else ""
                 raise InputError(f"shard {path} is truncated: the archive ends{last} without its end-of-archive block")
     complete = sum(1 for exts in members.values() if exts & set(IMAGE_EXTS) and exts & set(CAPTION_EXTS))
-    if complete == 0:
+    if complete == 0 and not (allow_empty and not names):
         found = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "no files"
         raise InputError(
             f"shard {path} holds no WebDataset samples with an image ({'/'.join(IMAGE_EXTS)}) and a caption "
@@ -83,10 +84,12 @@ def count_shard(path: str) -> ShardCount:
     return ShardCount(path, complete, len(members) - complete)
 
 
-def check_shards(shards: list[str], min_samples: int, what: str = "one global batch") -> list[ShardCount]:
+def check_shards(
+    shards: list[str], min_samples: int, what: str = "one global batch", *, allow_empty: bool = False
+) -> list[ShardCount]:
     """Count every shard (`count_shard`, 8 at a time) and require `min_samples` samples in all of them."""
     with ThreadPoolExecutor(max_workers=min(8, len(shards) or 1)) as pool:
-        counts = list(pool.map(count_shard, shards))
+        counts = list(pool.map(lambda path: count_shard(path, allow_empty), shards))
     total = sum(c.samples for c in counts)
     if total < min_samples:
         where = f"shard {shards[0]} holds" if len(shards) == 1 else f"the {len(shards)} shards ({shards[0]}, ...) hold"
