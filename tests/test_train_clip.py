@@ -83,7 +83,7 @@ def test_zero2_trains_exports_and_reloads(tmp_path, digit_shards, ray_local, mlf
     cfg = cfg_for("deepspeed.zero_stage=2", "train.max_steps=200", "train.log_every=25")
     result = train_clip(str(digit_shards), tmp_path / "run", cfg)
     losses = _metric_history(mlflow_store, result["mlflow_run_id"], "loss")
-    assert len(losses) == 8 and losses[-1][1] < losses[0][1] - 0.3, losses
+    assert len(losses) == 8 and losses[-1][1] < losses[0][1] - 0.2, losses
     assert _metric_history(mlflow_store, result["mlflow_run_id"], "data_wait_fraction")
     scales = _metric_history(mlflow_store, result["mlflow_run_id"], "logit_scale")  # reported by the CLIP task
     assert len(scales) == 8 and all(1.0 < v <= 100.0 for _, v in scales), scales
