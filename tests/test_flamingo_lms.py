@@ -62,13 +62,7 @@ COMMON = {"vocab_size": 512, "bos_token_id": 0, "eos_token_id": 0}
 TEXT = "<image>Output: a handwritten seven<|endofchunk|><image>Output: the number two<|endofchunk|>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_lm(arch: str, path: Path, seed: int = 0) -> Path:

@@ -26,13 +26,7 @@ TINY = ["tiny", "tiny-llama"]  # GPT-2 (tied embeddings) and Llama (untied) layo
 TEXT = "a photo<image>Output: seven<|endofchunk|>the digit<image>Output: two<|endofchunk|>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(preset: str = "tiny", seed: int = 0):

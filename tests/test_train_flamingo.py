@@ -29,7 +29,7 @@ from vlm.data.flamingo_data import (
 from vlm.errors import InputError
 from vlm.testbed.digit_shards import write_digit_shards
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
@@ -50,15 +50,6 @@ TINY = [
 
 def cfg_for(*overrides: str) -> TrainFlamingoConfig:
     return load_config(TrainFlamingoConfig, None, [*TINY, *overrides])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
