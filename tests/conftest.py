@@ -3,8 +3,83 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
 
 import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The local S3 (moto's server) gets its port now, before anything starts Ray, so the Ray workers of the
+# shared instance inherit the same standard AWS variables a user's job would carry.
+S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update(
+    AWS_ENDPOINT_URL=S3_ENDPOINT,
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+)
+for _var in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+    os.environ.pop(_var, None)
+
+
+class LocalS3:
+    """A real S3-compatible HTTP server on 127.0.0.1 (moto's server mode, its own process)."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        port = endpoint.rsplit(":", 1)[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
+                time.sleep(0.2)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint)
+
+    def bucket(self, name: str | None = None) -> str:
+        """A new empty bucket; returns its s3:// URL."""
+        name = name or f"vlm-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def keys(self, url: str) -> list[str]:
+        """Every object key under an s3:// URL (bucket or prefix)."""
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """The session's local S3 server; `s3.bucket()` makes a fresh bucket for a test."""
+    server = LocalS3(S3_ENDPOINT)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -70,17 +70,18 @@ def _embeddings(model, tokenizer):
         return model.encode_image(images), model.encode_text(tokenizer(["a handwritten seven", "the digit 2", "x"]))
 
 
-@pytest.mark.timeout(600)  # 200 steps: ~1 min of training on 2 busy cores, beside start-up and eval
+@pytest.mark.timeout(600)  # 400 steps: ~2 min of training on 2 busy cores, beside start-up and eval
 def test_zero2_trains_exports_and_reloads(tmp_path, digit_shards, ray_local, mlflow_store):
     """ZeRO-2 on 2 workers: zero-shot well above chance, the export reloads in open_clip with the checkpoint's
-    weights. Tiny CLIP's loss stays near ln(32) for ~150 steps of 32 (16 steps were at chance, 10%); 200 steps
-    (~17 passes over 384 digits) reached 28% top-1, as did 300, so at least 20% is asked for."""
+    weights. Tiny CLIP's loss stays near ln(32) for 150-250 steps of 32, depending on the data order: after 200
+    steps top-1 ranged 10-28% over seeds (a CI run got 15%), after 400 steps 33-45% (3 seeds, single-process
+    replica of this recipe), so 400 steps and at least 20% are asked for."""
     import open_clip
 
     from vlm.models.clip.build import register_presets
     from vlm.train.loop import consolidate_zero_checkpoint
 
-    cfg = cfg_for("deepspeed.zero_stage=2", "train.max_steps=200", "train.log_every=25")
+    cfg = cfg_for("deepspeed.zero_stage=2", "train.max_steps=400", "train.log_every=50")
     result = train_clip(str(digit_shards), tmp_path / "run", cfg)
     losses = _metric_history(mlflow_store, result["mlflow_run_id"], "loss")
     assert len(losses) == 8 and losses[-1][1] < losses[0][1] - 0.2, losses
@@ -90,7 +91,7 @@ def test_zero2_trains_exports_and_reloads(tmp_path, digit_shards, ray_local, mlf
     if Path("/proc/thread-self/schedstat").exists():
         cpu_wait = _metric_history(mlflow_store, result["mlflow_run_id"], "cpu_wait_fraction")
         assert len(cpu_wait) == 8 and all(0.0 <= v <= 1.0 for _, v in cpu_wait), cpu_wait
-    assert result["steps"] == 200 and result["eval"]["zeroshot_top1"] >= 0.2, result["eval"]
+    assert result["steps"] == 400 and result["eval"]["zeroshot_top1"] >= 0.2, result["eval"]
 
     # The export loads with open_clip alone, by local dir and by preset name + file.
     export = Path(result["export"])
