@@ -56,7 +56,8 @@ def test_upload_and_expand_globs(s3, tmp_path):
     for name in ("part-0.parquet", "part-1.parquet", "other.csv"):
         (tmp_path / name).write_bytes(b"x")
         storage.upload_file(tmp_path / name, f"{url}/laion/{name}")
-    assert storage.expand(f"{url}/laion/part-*.parquet") == [f"{url}/laion/part-0.parquet", f"{url}/laion/part-1.parquet"]
+    parts = [f"{url}/laion/part-0.parquet", f"{url}/laion/part-1.parquet"]
+    assert storage.expand(f"{url}/laion/part-*.parquet") == parts
     assert storage.expand(f"{url}/laion/other.csv") == [f"{url}/laion/other.csv"]
     assert storage.expand(f"{url}/laion/none-*.csv") == []
 
