@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import shard_stage
+from vlm import storage
 from vlm.config import config_hash, to_dict
 from vlm.data import shards as sh
 from vlm.data.capfilt import filter_quality
@@ -85,7 +86,7 @@ def _read_rows(item: dict, in_dir: str) -> list[dict]:
             "jpg": _image_bytes(s["files"]),
             "txt": s["files"].get("txt", b"").decode("utf-8", "replace"),
         }
-        for s in read_input_shard(Path(in_dir), shard)
+        for s in read_input_shard(in_dir, shard)
     ]
 
 
@@ -196,11 +197,9 @@ def _check_models(cfg: BlipConfig) -> None:
 
 
 def _read_parquets(out: Path, shards: list[int]) -> list[dict]:
-    import pyarrow.parquet as pq
-
     rows = []
     for s in shards:
-        rows += pq.read_table(sh.parquet_path(out, s)).to_pylist()
+        rows += sh.read_parquet(sh.parquet_path(out, s)).to_pylist()
     return rows
 
 
@@ -236,8 +235,8 @@ def gallery(out: Path, shards: list[int], limit: int):
 
     picked = []
     for s in shards:
-        for where in (out, out / "_dropped"):
-            if not sh.tar_path(where, s).is_file():
+        for where in (out, sh.at(out, "_dropped")):
+            if not storage.is_file(sh.tar_path(where, s)):
                 continue
             for key, files in sorted(sh.read_tar_samples(sh.tar_path(where, s)).items())[: limit // 2]:
                 meta = json.loads(files["json"]).get(STAGE, {})
@@ -353,6 +352,9 @@ def _shard_sizes(in_dir: Path, shards: list[int]) -> dict[int, int]:
 
     sizes = {}
     for s in shards:
+        if storage.is_url(in_dir):  # one sequential read; the shard is read whole next anyway
+            sizes[s] = len(sh.read_tar_samples(sh.tar_path(in_dir, s)))
+            continue
         with tarfile.open(sh.tar_path(in_dir, s)) as tar:
             sizes[s] = len({m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.isfile()})
     return sizes

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipelines import shard_stage
 from pipelines.shard_stage import PLAN_DIR, Progress
+from vlm import storage
 from vlm.config import to_dict
 from vlm.data import cleaning as cl
 from vlm.data import filtered_shards as fs
@@ -71,7 +72,7 @@ def content_hash(cfg: CleanConfig) -> str:
         section = to_dict(getattr(cfg, name))
         if name == "clipscore":
             section = {k: v for k, v in section.items() if k not in _CLIP_RUNTIME_FIELDS}
-            section["checkpoint"] = str(Path(section["checkpoint"]).resolve())
+            section["checkpoint"] = storage.normalize(section["checkpoint"])
         content[name] = section
     return shard_stage.digest(content)
 
@@ -119,7 +120,7 @@ def compute_features(in_dir: Path, shards: list[int], cfg: CleanConfig, steps: l
     if model_steps:  # clipscore is the one model-bearing step
         c = cfg.clipscore
         ds = ds.map_batches(
-            cl.ClipScorer.bound(str(Path(c.checkpoint).resolve()), c.preset),
+            cl.ClipScorer.bound(storage.normalize(c.checkpoint), c.preset),
             batch_size=c.batch_size,
             batch_format="numpy",
             num_cpus=c.num_cpus,
@@ -142,8 +143,8 @@ def compute_features(in_dir: Path, shards: list[int], cfg: CleanConfig, steps: l
 # ----------------------------------------------------------------------------- plan (driver)
 
 
-def _plan_dir(out: Path) -> Path:
-    return out / PLAN_DIR
+def _plan_dir(out: Path | str) -> Path | str:
+    return sh.at(out, PLAN_DIR)
 
 
 def _write_plan_shard(out: Path, shard: int, keys: list[str], decisions: dict[str, dict]) -> None:
@@ -164,14 +165,12 @@ def _write_plan_shard(out: Path, shard: int, keys: list[str], decisions: dict[st
     )
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    sh.atomic_write_bytes(_plan_dir(out) / f"{sh.shard_name(shard)}.parquet", buf.getvalue())
+    sh.atomic_write_bytes(sh.at(_plan_dir(out), f"{sh.shard_name(shard)}.parquet"), buf.getvalue())
 
 
 def read_plan_shard(out: Path, shard: int) -> dict[str, dict]:
     """`{key: {"keep", "reason", "dropped_by", "meta"}}` of one shard's planned decisions."""
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(_plan_dir(out) / f"{sh.shard_name(shard)}.parquet").to_pylist()
+    rows = sh.read_parquet(sh.at(_plan_dir(out), f"{sh.shard_name(shard)}.parquet")).to_pylist()
     return {r["key"]: r | {"meta": json.loads(r["meta"])} for r in rows}
 
 
@@ -318,9 +317,9 @@ def _dropped_sheet(out: Path, shards: list[int], limit: int):
         return None
     per_reason: Counter = Counter()
     samples = []
-    dropped_dir = out / fs.DROPPED_DIR
+    dropped_dir = sh.at(out, fs.DROPPED_DIR)
     for shard in shards:
-        if len(samples) >= limit or not sh.tar_path(dropped_dir, shard).is_file():
+        if len(samples) >= limit or not storage.is_file(sh.tar_path(dropped_dir, shard)):
             continue
         for key, files in sorted(sh.read_tar_samples(sh.tar_path(dropped_dir, shard)).items()):
             reason = json.loads(files.get("json", b"{}")).get(STAGE, {}).get("reason", "")

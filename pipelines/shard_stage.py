@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vlm import storage
 from vlm.config import config_hash, write_config
 from vlm.data import shards as sh
 from vlm.data.filtered_shards import input_shards
@@ -52,7 +52,7 @@ class ShardStage:
     def __init__(self, cfg: Any, input: Any, output: str | Path):
         self.cfg = cfg
         self.input = input
-        self.out = Path(output)
+        self.out = sh.location(output)  # a Path, or the URL (s3://...) as a str
 
     # -- required
     def inputs(self) -> list[dict]:
@@ -119,7 +119,7 @@ class ShardDirStage(ShardStage):
 
     def __init__(self, cfg: Any, input_dir: str | Path, output: str | Path):
         super().__init__(cfg, input_dir, output)
-        self.in_dir = Path(input_dir)
+        self.in_dir = sh.location(input_dir)
         self._shards: list[int] | None = None
 
     @property
@@ -132,13 +132,13 @@ class ShardDirStage(ShardStage):
         from vlm.data.shard_check import check_shards
 
         self.input_shards  # noqa: B018  (raises InputError for an unfinished input)
-        if self.out.resolve() == self.in_dir.resolve():
+        if sh.display(self.out) == sh.display(self.in_dir):
             raise InputError("--output must differ from --input")
         # Tar headers only: a truncated or foreign shard is one line naming it now, not a failed Ray task.
         check_shards([str(sh.tar_path(self.in_dir, s)) for s in self.input_shards], 0, allow_empty=True)
 
     def inputs(self) -> list[dict]:
-        return [{"path": str(self.in_dir.resolve()), "digest": manifest_digest(self.in_dir)}]
+        return [{"path": sh.display(self.in_dir), "digest": manifest_digest(self.in_dir)}]
 
     def plan(self, plan_dir: Path, show_progress: bool) -> dict:
         return {"shards": self.input_shards}
@@ -147,12 +147,12 @@ class ShardDirStage(ShardStage):
         return {s: sh.read_stats(self.in_dir, s).get("successes", 0) for s in shards}
 
     def tags(self) -> dict[str, str]:
-        return {"input": str(self.in_dir.resolve())}
+        return {"input": sh.display(self.in_dir)}
 
 
 def manifest_digest(shard_dir: Path) -> str:
     """Digest of a shard directory's manifest: a changed input makes a different plan."""
-    return hashlib.sha256((Path(shard_dir) / sh.MANIFEST_FILE).read_bytes()).hexdigest()
+    return hashlib.sha256(storage.read_bytes(sh.at(shard_dir, sh.MANIFEST_FILE))).hexdigest()
 
 
 def digest(content: Any) -> str:
@@ -191,8 +191,8 @@ class Progress:
 # ----------------------------------------------------------------------------- checks and plan
 
 
-def _plan_path(out: Path) -> Path:
-    return out / PLAN_DIR / PLAN_FILE
+def _plan_path(out: Path | str) -> Path | str:
+    return sh.at(sh.at(out, PLAN_DIR), PLAN_FILE)
 
 
 def existing_plan(stage: ShardStage, fingerprint: dict) -> dict | None:
@@ -202,8 +202,8 @@ def existing_plan(stage: ShardStage, fingerprint: dict) -> dict | None:
         InputError: the output holds complete shards made from another input or config.
     """
     path = _plan_path(stage.out)
-    if path.is_file():
-        plan = json.loads(path.read_text())
+    if storage.is_file(path):
+        plan = storage.read_json(path)
         if {k: plan.get(k) for k in fingerprint} == fingerprint:
             return plan
         if sh.complete_shards(stage.out):
@@ -217,9 +217,9 @@ def existing_plan(stage: ShardStage, fingerprint: dict) -> dict | None:
 
 
 def make_plan(stage: ShardStage, fingerprint: dict, show_progress: bool) -> dict:
-    plan_dir = stage.out / PLAN_DIR
-    shutil.rmtree(plan_dir, ignore_errors=True)
-    plan_dir.mkdir(parents=True)
+    plan_dir = sh.at(stage.out, PLAN_DIR)
+    storage.rmtree(plan_dir)
+    storage.makedirs(plan_dir)
     t0 = time.time()
     plan = fingerprint | stage.plan(plan_dir, show_progress) | {"stage": stage.name}
     plan["plan_s"] = round(time.time() - t0, 3)
@@ -330,13 +330,13 @@ def run(
     fingerprint = {"content_hash": stage.content_hash(), "inputs": stage.inputs()}
     plan = existing_plan(stage, fingerprint)
     where = init_ray(address, dashboard=False)  # before writing anything: a bad address leaves no trace
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.yaml")
+    storage.makedirs(out)
+    write_config(cfg, sh.at(out, "config.yaml"))
     t0 = time.time()
     with tracking.start_run(
         cfg.tracking.experiment,
-        cfg.tracking.run_name or f"{stage.name}-{out.name}",
-        tags={"stage": stage.name, "output": str(out.resolve()), **stage.tags()},
+        cfg.tracking.run_name or f"{stage.name}-{storage.basename(out)}",
+        tags={"stage": stage.name, "output": sh.display(out), **stage.tags()},
         context=context,
     ) as run_:
         if run_:

@@ -228,11 +228,10 @@ def config_hash(cfg: Any, exclude: tuple[str, ...] = ()) -> str:
 
 
 def write_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config as YAML (atomically; `path` may be a URL)."""
+    from vlm import storage
+
+    storage.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:

@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from vlm import storage
 from vlm.data import shards as sh
 from vlm.errors import InputError
 
@@ -64,17 +65,17 @@ _STAGE_COLUMNS = (
 )
 
 
-def input_shards(in_dir: Path) -> list[int]:
+def input_shards(in_dir: str | Path) -> list[int]:
     """The shard numbers of a whole stage output, each complete (its stats file exists).
 
     Raises:
         InputError: the directory is missing, holds no `_SUCCESS` (the previous stage did not
             finish), holds no shards, or lacks a shard its manifest lists.
     """
-    in_dir = Path(in_dir)
-    if not in_dir.is_dir():
+    in_dir = sh.location(in_dir)
+    if not storage.is_dir(in_dir):
         raise InputError(f"input directory not found: {in_dir}")
-    if not (in_dir / sh.SUCCESS_FILE).is_file():
+    if not storage.is_file(sh.at(in_dir, sh.SUCCESS_FILE)):
         raise InputError(f"input {in_dir} has no {sh.SUCCESS_FILE}: the stage that writes it has not finished")
     shards = sh.complete_shards(in_dir)
     manifest = sh.read_manifest(in_dir) or {}
@@ -84,13 +85,14 @@ def input_shards(in_dir: Path) -> list[int]:
         raise InputError(f"input {in_dir} lists {expected} shards but shards {missing[:10]} are incomplete")
     if not shards:
         raise InputError(f"input {in_dir} holds no complete shards ({{shard:05d}}_stats.json)")
+    present = set(storage.listdir(in_dir))
     for shard in shards:
-        if not sh.tar_path(in_dir, shard).is_file():
+        if f"{sh.shard_name(shard)}.tar" not in present:
             raise InputError(f"input shard {sh.tar_path(in_dir, shard)} is missing")
     return shards
 
 
-def read_input_shard(in_dir: Path, shard: int) -> list[dict]:
+def read_input_shard(in_dir: str | Path, shard: int) -> list[dict]:
     """The samples of one input shard in key order: `{"key", "files", "row"}`.
 
     `files` maps extension to bytes (jpg/png/webp, txt, json); `row` is the sample's parquet row
@@ -100,10 +102,12 @@ def read_input_shard(in_dir: Path, shard: int) -> list[dict]:
     files = sh.read_tar_samples(sh.tar_path(in_dir, shard))
     rows: dict[str, dict] = {}
     parquet = sh.parquet_path(in_dir, shard)
-    if parquet.is_file():
+    if storage.is_file(parquet):
         import pyarrow.parquet as pq
 
-        for row in pq.read_table(parquet).to_pylist():
+        with storage.open_input(parquet) as f:
+            table = pq.read_table(f)
+        for row in table.to_pylist():
             if row.get("key") in files:
                 rows[row["key"]] = {k: v for k, v in row.items() if k not in _STAGE_COLUMNS}
     return [{"key": key, "files": files[key], "row": rows.get(key, {})} for key in sorted(files)]
@@ -137,7 +141,7 @@ def _caption(files: dict[str, bytes]) -> str | None:
 
 
 def write_filtered_shard(
-    out: Path,
+    out: str | Path,
     shard: int,
     samples: list[dict],
     *,
@@ -163,9 +167,8 @@ def write_filtered_shard(
         The stats dict: shard, stage, count, kept, dropped, kept_fraction, status_counts,
         reason_counts (by `reason_class`), bytes, duration_s, plus `extra_stats`.
     """
-    out = Path(out)
-    dropped_dir = out / DROPPED_DIR
-    dropped_dir.mkdir(parents=True, exist_ok=True)
+    dropped_dir = sh.at(out, DROPPED_DIR)
+    storage.makedirs(dropped_dir)
     t0 = time.time()
     # Leftovers of an interrupted writer; stats goes first, so the shard reads as incomplete.
     sh.remove_shard(out, shard)

@@ -10,6 +10,12 @@ samples) and answer in one line naming the shard:
   them) with an image and a caption member;
 - all shards together hold at least one global batch of such samples.
 What is inside a member is seen only when decoded; that is vlm.data.skips's part.
+
+A shard on object storage (s3://...) is not scanned member by member (a ranged GET per header would
+cost more than the read itself): its first header block and its end-of-archive block are read (two
+small ranged GETs, which catch a foreign or truncated upload), and its samples are counted from the
+`{shard}_stats.json` beside it (`successes`, as img2dataset and our stages write); a shard without
+one is read once, sequentially.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from vlm import storage
 from vlm.data.clip_data import IMAGE_EXTS
 from vlm.errors import InputError
 
@@ -43,19 +50,64 @@ def _open_error(path: str, exc: BaseException) -> InputError:
 def _is_plain_tar(path: str) -> bool:
     """False for a compressed tar (gzip, bz2, xz, zstd magic): its offsets are not file offsets."""
     with open(path, "rb") as f:
-        head = f.read(6)
+        return _is_plain_head(f.read(6))
+
+
+def _is_plain_head(head: bytes) -> bool:
     return not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"))
 
 
 def count_shard(path: str, allow_empty: bool = False) -> ShardCount:
     """Samples of one shard; InputError (one line naming it) if it is unreadable, truncated or (unless
     `allow_empty`: a data stage's input shard may hold no samples, all failed or filtered) holds none."""
-    size = os.path.getsize(path)
-    plain = _is_plain_tar(path)
+    if storage.is_url(path):
+        counted = _count_remote(path)
+        if counted is not None:
+            if counted.samples == 0 and not allow_empty:
+                raise InputError(f"shard {path} holds no WebDataset samples (its stats file counts 0 successes)")
+            return counted
+        import io
+
+        return _count_tar(path, io.BytesIO(storage.read_bytes(path)), allow_empty)
+    return _count_tar(path, None, allow_empty)
+
+
+def _count_remote(path: str) -> ShardCount | None:
+    """Head and tail blocks of a remote tar, samples from its stats file; None when it has none."""
+    try:
+        total = storage.size(path)
+        with storage.open_input(path) as f:
+            head = f.read(_BLOCK)
+            f.seek(max(0, total - 2 * _BLOCK))
+            tail = f.read(2 * _BLOCK)
+    except FileNotFoundError:
+        raise InputError(f"shard {path} does not exist") from None
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
+        return None  # compressed: counted by reading it
+    if head != b"\0" * _BLOCK:  # all zeros: an empty archive
+        try:
+            tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise _open_error(path, exc) from None
+    if total % _BLOCK or tail != b"\0" * (2 * _BLOCK):
+        raise InputError(f"shard {path} is truncated: the archive ends without its end-of-archive block")
+    stats_file = path[: -len(".tar")] + "_stats.json" if path.endswith(".tar") else None
+    if not stats_file or not storage.is_file(stats_file):
+        return None
+    try:
+        stats = storage.read_json(stats_file)
+        return ShardCount(path, int(stats["successes"]), 0)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _count_tar(path: str, fileobj, allow_empty: bool) -> ShardCount:
+    size = os.path.getsize(path) if fileobj is None else len(fileobj.getbuffer())
+    plain = _is_plain_tar(path) if fileobj is None else _is_plain_head(fileobj.getvalue()[:6])
     members: dict[str, set[str]] = {}
     names: list[str] = []
     try:
-        with tarfile.open(path, "r:" if plain else "r:*") as tar:
+        with tarfile.open(path if fileobj is None else None, "r:" if plain else "r:*", fileobj=fileobj) as tar:
             for m in tar:
                 if plain and m.offset_data + m.size > size:
                     raise InputError(f"shard {path} is truncated: member {m.name} runs past the end of the file")
@@ -69,11 +121,15 @@ def count_shard(path: str, allow_empty: bool = False) -> ShardCount:
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         raise _open_error(path, exc) from None
     if plain:
-        with open(path, "rb") as f:
-            f.seek(end)
-            if f.read(_BLOCK) != b"\0" * _BLOCK:
-                last = f" after member {names[-1]}" if names else ""
-                raise InputError(f"shard {path} is truncated: the archive ends{last} without its end-of-archive block")
+        if fileobj is None:
+            with open(path, "rb") as f:
+                f.seek(end)
+                trailer = f.read(_BLOCK)
+        else:
+            trailer = fileobj.getvalue()[end : end + _BLOCK]
+        if trailer != b"\0" * _BLOCK:
+            last = f" after member {names[-1]}" if names else ""
+            raise InputError(f"shard {path} is truncated: the archive ends{last} without its end-of-archive block")
     complete = sum(1 for exts in members.values() if exts & set(IMAGE_EXTS) and exts & set(CAPTION_EXTS))
     if complete == 0 and not (allow_empty and not names):
         found = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "no files"

@@ -5,6 +5,11 @@ row per input sample, failures included) and `DIR/{shard:05d}_stats.json`, writt
 atomically: a shard is complete iff its stats file exists. `DIR/_SUCCESS` + `DIR/manifest.json`
 mark a whole output. These follow img2dataset's conventions so webdataset, open_clip's
 `--train-data` and img2dataset users' scripts read our shards unchanged.
+
+`DIR` is a local directory or an object-store URL (`s3://bucket/prefix`): every read and write
+goes through `vlm.storage`. Path helpers return a `Path` for a local `DIR` and a `str` URL
+otherwise. On object storage there is no rename: a tar is spooled to a local temp file and
+uploaded whole, and each small file is one PUT, so the stats object still appears last.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from vlm import storage
 
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_FILE = "manifest.json"
@@ -38,43 +45,52 @@ def sample_key(shard: int, index: int) -> str:
     return f"{shard:05d}{index:04d}"
 
 
-def tar_path(out: Path, shard: int) -> Path:
-    return Path(out) / f"{shard_name(shard)}.tar"
+def location(path: str | Path) -> Path | str:
+    """How stages carry a data directory: a `Path` when local, the normalized URL otherwise."""
+    return storage.normalize(path) if storage.is_url(path) else Path(path)
 
 
-def parquet_path(out: Path, shard: int) -> Path:
-    return Path(out) / f"{shard_name(shard)}.parquet"
+def display(path: str | Path) -> str:
+    """A data directory as logs and tags name it: the absolute path or the URL."""
+    return storage.normalize(path)
 
 
-def stats_path(out: Path, shard: int) -> Path:
-    return Path(out) / f"{shard_name(shard)}_stats.json"
+def at(out: str | Path, name: str) -> Path | str:
+    """`out/name`: a Path for a local directory, a str for a URL."""
+    return storage.join(out, name) if storage.is_url(out) else Path(out) / name
 
 
-def is_complete(out: Path, shard: int) -> bool:
-    return stats_path(out, shard).is_file()
+def tar_path(out: str | Path, shard: int) -> Path | str:
+    return at(out, f"{shard_name(shard)}.tar")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp name, fsync, rename: readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def parquet_path(out: str | Path, shard: int) -> Path | str:
+    return at(out, f"{shard_name(shard)}.parquet")
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+def stats_path(out: str | Path, shard: int) -> Path | str:
+    return at(out, f"{shard_name(shard)}_stats.json")
 
 
-def remove_shard(out: Path, shard: int) -> None:
+def is_complete(out: str | Path, shard: int) -> bool:
+    return storage.is_file(stats_path(out, shard))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Readers see the old file or the whole new one (temp + fsync + rename; one PUT on a URL)."""
+    storage.write_bytes(path, data)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    storage.write_json(path, obj)
+
+
+def remove_shard(out: str | Path, shard: int) -> None:
     """Delete a shard's files, stats first so it reads as incomplete at every moment."""
     for path in (stats_path(out, shard), tar_path(out, shard), parquet_path(out, shard)):
-        path.unlink(missing_ok=True)
-    for tmp in Path(out).glob(f".{shard_name(shard)}*.tmp*"):  # temp files of killed writers
-        tmp.unlink(missing_ok=True)
+        storage.delete(path)
+    for tmp in storage.glob(out, f".{shard_name(shard)}*.tmp*"):  # temp files of killed writers
+        storage.delete(tmp)
 
 
 class ShardWriter:
@@ -84,11 +100,17 @@ class ShardWriter:
     key so its content is the same for the same input.
     """
 
-    def __init__(self, out: Path, shard: int, primary: bool = True):
-        self.out = Path(out)
+    def __init__(self, out: str | Path, shard: int, primary: bool = True):
+        self.out = out if storage.is_url(out) else Path(out)
         self.shard = shard
         self.primary = primary  # False for side outputs (`_dropped/`) written beside a shard
-        self._tmp_tar = self.out / f".{shard_name(shard)}.tar.tmp{os.getpid()}"
+        if storage.is_url(out):  # spooled locally, uploaded whole by `close`
+            fd, tmp = tempfile.mkstemp(prefix=f"vlm-{shard_name(shard)}-", suffix=".tar")
+            os.close(fd)
+            self._tmp_tar = Path(tmp)
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._tmp_tar = self.out / f".{shard_name(shard)}.tar.tmp{os.getpid()}"
         self._tar = tarfile.open(self._tmp_tar, "w", format=tarfile.USTAR_FORMAT)
         self.rows: list[dict] = []
         self.bytes_written = 0
@@ -130,7 +152,10 @@ class ShardWriter:
         import pyarrow.parquet as pq
 
         self._tar.close()
-        os.replace(self._tmp_tar, tar_path(self.out, self.shard))
+        try:
+            storage.upload_file(self._tmp_tar, tar_path(self.out, self.shard))
+        finally:
+            self._tmp_tar.unlink(missing_ok=True)
         rows = sorted(self.rows, key=lambda r: r["key"])
         table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
         sink = io.BytesIO()
@@ -174,31 +199,49 @@ def _error_class(message: str) -> str:
     return head[:80] or message[:80]
 
 
-def read_stats(out: Path, shard: int) -> dict:
-    return json.loads(stats_path(out, shard).read_text())
+def read_stats(out: str | Path, shard: int) -> dict:
+    return storage.read_json(stats_path(out, shard))
 
 
-def complete_shards(out: Path) -> list[int]:
-    return sorted(int(p.name[:5]) for p in Path(out).glob("[0-9][0-9][0-9][0-9][0-9]_stats.json"))
+def complete_shards(out: str | Path) -> list[int]:
+    return sorted(int(storage.basename(p)[:5]) for p in storage.glob(out, "[0-9][0-9][0-9][0-9][0-9]_stats.json"))
 
 
-def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    """All samples of a shard tar as {key: {ext: bytes}} (for retries and tests)."""
-    samples: dict[str, dict[str, bytes]] = {}
+def read_tar_samples(path: str | Path) -> dict[str, dict[str, bytes]]:
+    """All samples of a shard tar as {key: {ext: bytes}} (one sequential read, local or URL)."""
+    if storage.is_url(path):
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(path)), mode="r") as tar:
+            return _samples(tar)
     with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        return _samples(tar)
+
+
+def _samples(tar: tarfile.TarFile) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, _, ext = member.name.partition(".")
+        samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     return samples
 
 
-def check_output_dir(output: str | Path) -> Path:
-    """The resolved output directory; InputError (one line, before any work) if it cannot be one:
-    a file at the path or above it, or a directory this process cannot write into."""
+def read_parquet(path: str | Path, columns: list[str] | None = None):
+    """A shard's (or plan's) parquet as a pyarrow Table, local or URL."""
+    import pyarrow.parquet as pq
+
+    with storage.open_input(path) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def check_output_dir(output: str | Path) -> Path | str:
+    """The resolved output directory (or normalized URL); InputError (one line, before any work)
+    if it cannot be one: a file at the path or above it, a directory this process cannot write
+    into; for a URL a missing bucket, an unreachable endpoint or denied credentials."""
     from vlm.errors import InputError
 
+    if storage.is_url(output):
+        return storage.check_writable(output)
     out = Path(output).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} is a file, not a directory")
@@ -214,19 +257,18 @@ def check_output_dir(output: str | Path) -> Path:
     return out
 
 
-def write_success(out: Path, manifest: dict) -> None:
+def write_success(out: str | Path, manifest: dict) -> None:
     """Mark a stage's output whole: manifest first, then the _SUCCESS marker."""
-    atomic_write_json(Path(out) / MANIFEST_FILE, manifest)
-    atomic_write_bytes(Path(out) / SUCCESS_FILE, b"")
+    atomic_write_json(at(out, MANIFEST_FILE), manifest)
+    atomic_write_bytes(at(out, SUCCESS_FILE), b"")
 
 
-def clear_success(out: Path) -> None:
-    (Path(out) / SUCCESS_FILE).unlink(missing_ok=True)
+def clear_success(out: str | Path) -> None:
+    storage.delete(at(out, SUCCESS_FILE))
 
 
-def read_manifest(out: Path) -> dict | None:
+def read_manifest(out: str | Path) -> dict | None:
     """The manifest of a whole output, or None if the output is not marked whole."""
-    out = Path(out)
-    if not (out / SUCCESS_FILE).is_file() or not (out / MANIFEST_FILE).is_file():
+    if not storage.is_file(at(out, SUCCESS_FILE)) or not storage.is_file(at(out, MANIFEST_FILE)):
         return None
-    return json.loads((out / MANIFEST_FILE).read_text())
+    return storage.read_json(at(out, MANIFEST_FILE))
