@@ -419,9 +419,12 @@ def check_writable(path: str | Path) -> str:
         raise StorageError(f"{url}: bucket {bucket} does not exist")
     if is_file(url):
         raise InputError(f"output {url} is a file, not a directory")
+    was_there = exists(url)
     probe = join(url, f".vlm-write-check-{os.getpid()}")
     write_bytes(probe, b"")
     delete(probe)
+    if not was_there:  # pyarrow keeps an emptied prefix as a "dir/" marker object: a refused run leaves nothing
+        rmtree(url)
     return url
 
 
