@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlm import storage
 from vlm.config import parse_overrides
 from vlm.errors import ConfigError, InputError
 
@@ -85,7 +86,10 @@ class Pipeline:
 
 
 def _abs(path: str) -> str:
-    """Relative paths: from the working directory, else from the project root (jobs run elsewhere)."""
+    """Relative paths: from the working directory, else from the project root (jobs run elsewhere).
+    URLs (s3://...) stay as they are, normalized."""
+    if storage.is_url(path):
+        return storage.normalize(path)
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists() or not (ROOT / p).exists():
         return str(p.resolve())
@@ -166,7 +170,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             config=config,
             overrides=_flat_overrides(spec.get("overrides"), where) + stage_overrides.pop(sname, []),
             params=dict(spec.get("params") or {}),
-            output=_abs(str(spec["output"])) if spec.get("output") else str(Path(output) / sname),
+            output=_abs(str(spec["output"])) if spec.get("output") else storage.join(output, sname),
             resources=dict(spec["resources"]) if spec.get("resources") else None,
             after=list(spec.get("after") or []),
         )

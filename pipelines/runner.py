@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import socket
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 from pipelines.pipeline_file import _REF, Pipeline, Stage, _abs, load_pipeline
+from vlm import storage
 from vlm.errors import ConfigError, InputError, VlmError
 
 __all__ = ["Pipeline", "Stage", "load_pipeline", "run_pipeline", "summary_table"]
@@ -51,30 +49,28 @@ def _resolve(value: Any, outputs: dict[str, str]) -> Any:
 
 def path_digest(path: str) -> str:
     """Digest of an input: a stage output's fingerprint, a shard dir's manifest, a file's bytes."""
-    p = Path(path)
     h = hashlib.sha256()
-    if (p / STAGE_FILE).is_file():
-        return json.loads((p / STAGE_FILE).read_text()).get("fingerprint", "")
-    if (p / "manifest.json").is_file():
-        h.update((p / "manifest.json").read_bytes())
-    elif p.is_file():
-        with open(p, "rb") as f:
+    if storage.is_file(storage.join(path, STAGE_FILE)):
+        return storage.read_json(storage.join(path, STAGE_FILE)).get("fingerprint", "")
+    if storage.is_file(storage.join(path, "manifest.json")):
+        h.update(storage.read_bytes(storage.join(path, "manifest.json")))
+    elif storage.is_file(path):
+        with storage.open_input(path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    elif p.is_dir():
-        for f in sorted(p.rglob("*")):
-            if f.is_file():
-                h.update(f"{f.relative_to(p)}:{f.stat().st_size}\n".encode())
+    elif storage.is_dir(path):
+        for rel, size in storage.walk_sizes(path):
+            h.update(f"{rel}:{size}\n".encode())
     else:
         return "missing"
     return h.hexdigest()[:16]
 
 
 def _read_stage_file(out: str) -> dict | None:
-    f = Path(out) / STAGE_FILE
+    f = storage.join(out, STAGE_FILE)
     try:
-        return json.loads(f.read_text()) if f.is_file() else None
-    except json.JSONDecodeError:
+        return storage.read_json(f) if storage.is_file(f) else None
+    except (json.JSONDecodeError, FileNotFoundError):
         return None
 
 
@@ -84,7 +80,7 @@ def is_done(stage: Stage, fingerprint: str) -> bool:
         info is not None
         and info.get("status") == "succeeded"
         and info.get("fingerprint") == fingerprint
-        and (Path(stage.output) / "_SUCCESS").is_file()
+        and storage.is_file(storage.join(stage.output, "_SUCCESS"))
     )
 
 
@@ -150,7 +146,9 @@ def run_pipeline(
         forced.add(only)
     init_ray(address)
     outputs = {n: s.output for n, s in pipeline.stages.items()}
-    Path(pipeline.output).mkdir(parents=True, exist_ok=True)
+    if storage.is_url(pipeline.output):
+        storage.check_writable(pipeline.output)
+    storage.makedirs(pipeline.output)
     statuses: dict[str, dict] = {}
     fingerprints: dict[str, str] = {}
     failed: list[str] = []
@@ -167,7 +165,7 @@ def run_pipeline(
             kind = KINDS[stage.kind]
             head = f"[{i}/{len(order)}] {name} ({stage.kind})"
             if only and name != only:
-                if not (Path(stage.output) / "_SUCCESS").is_file() and name in _ancestors(pipeline, only):
+                if not storage.is_file(storage.join(stage.output, "_SUCCESS")) and name in _ancestors(pipeline, only):
                     raise InputError(f"--only {only}: its input stage {name!r} has not completed; run it first")
                 fingerprints[name] = (_read_stage_file(stage.output) or {}).get("fingerprint", "")
                 continue
@@ -205,17 +203,17 @@ def run_pipeline(
                 log(f"{head}: done already (fingerprint {fingerprint}), skipped")
                 continue
             previous = _read_stage_file(stage.output)
-            if Path(stage.output).exists() and (
+            if storage.exists(stage.output) and (
                 name in forced or not previous or previous["fingerprint"] != fingerprint
             ):
                 why = "forced" if name in forced else "its config or inputs changed"
-                if Path(stage.output).exists() and any(Path(stage.output).iterdir()):
+                if storage.listdir(stage.output):
                     log(f"{head}: clearing {stage.output} ({why})")
-                shutil.rmtree(stage.output)
+                storage.rmtree(stage.output)
             elif previous:
                 log(f"{head}: resuming an interrupted run with the same fingerprint")
-            Path(stage.output).mkdir(parents=True, exist_ok=True)
-            (Path(stage.output) / "_SUCCESS").unlink(missing_ok=True)
+            storage.makedirs(stage.output)
+            storage.delete(storage.join(stage.output, "_SUCCESS"))
             record = {
                 "stage": name,
                 "kind": stage.kind,
@@ -269,7 +267,7 @@ def run_pipeline(
             )
             _log_lineage(run_id, record)
             _write_stage_file(stage.output, record)
-            (Path(stage.output) / "_SUCCESS").touch()
+            storage.write_bytes(storage.join(stage.output, "_SUCCESS"), b"")
             statuses[name] = {"status": "ran", "mlflow_run_id": run_id, **_keep(record)}
             log(f"{head}: done in {result['duration_s']:.0f}s" + _metric_text(record["metrics"]))
         total = time.time() - t_start
@@ -316,10 +314,7 @@ def _literal_paths(stage: Stage) -> list[str]:
 
 
 def _write_stage_file(out: str, record: dict) -> None:
-    path = Path(out) / STAGE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
+    storage.write_text(storage.join(out, STAGE_FILE), json.dumps(record, indent=2, default=str))
 
 
 def _stage_run(parent, pipeline: Pipeline, name: str, stage: Stage, fingerprint: str) -> str | None:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlm import storage
 from vlm.config import from_dict, load_config, to_dict
 from vlm.errors import ConfigError, InputError
 
@@ -103,6 +105,19 @@ class UrlsParams(NoParams):
     failures: bool = True  # include every failure kind the local web serves
 
 
+@contextmanager
+def _local_output(output: str) -> Iterator[Path]:
+    """A local directory for writers that need disk: `output` itself, or a temp dir whose files are
+    uploaded to the URL `output` when the block ends without error."""
+    if not storage.is_url(output):
+        Path(output).mkdir(parents=True, exist_ok=True)
+        yield Path(output)
+        return
+    with tempfile.TemporaryDirectory(prefix="vlm-stage-") as tmp:
+        yield Path(tmp)
+        storage.copy_dir(tmp, output)
+
+
 def run_urls(input, output, cfg, params: UrlsParams, address, context) -> dict:
     """A URL list for the local test web (digits with known noise labels) -> OUTPUT/urls.parquet."""
     from vlm.testbed.url_lists import make_url_rows, write_url_list
@@ -115,7 +130,8 @@ def run_urls(input, output, cfg, params: UrlsParams, address, context) -> dict:
         noisy_fraction=params.noisy_fraction,
         duplicates=params.duplicates,
     )
-    write_url_list(rows, Path(output) / "urls.parquet")
+    with _local_output(output) as local:
+        write_url_list(rows, local / "urls.parquet")
     noisy = sum(bool(r["noisy"]) for r in rows)
     return {"metrics": {"urls": len(rows), "noisy_captions": noisy}}
 
@@ -133,14 +149,15 @@ def run_digits(input, output, cfg, params: DigitsParams, address, context) -> di
     """Digit shards written directly (no HTTP): a clean annotated set, or test data."""
     from vlm.testbed.digit_shards import write_digit_shards
 
-    write_digit_shards(
-        output,
-        params.n,
-        samples_per_shard=params.samples_per_shard,
-        image_size=params.image_size,
-        noisy_fraction=params.noisy_fraction,
-        seed=params.seed,
-    )
+    with _local_output(output) as local:
+        write_digit_shards(
+            local,
+            params.n,
+            samples_per_shard=params.samples_per_shard,
+            image_size=params.image_size,
+            noisy_fraction=params.noisy_fraction,
+            seed=params.seed,
+        )
     return {"metrics": {"samples": params.n}}
 
 
@@ -227,7 +244,7 @@ def _data(input, kind: str) -> str:
 def _resume(output: str) -> bool:
     # The runner clears an output whose fingerprint changed, so a run state left here is this
     # stage's own interrupted run: continue it from its last checkpoint.
-    return (Path(output) / "train_state.json").is_file()
+    return storage.is_file(storage.join(output, "train_state.json"))
 
 
 def _trainer_context(cfg, context) -> dict:
@@ -291,25 +308,27 @@ def run_compare(input, output, cfg, params: CompareParams, address, context) -> 
         raise ConfigError("compare stage: params.stages lists at least two stages, as ${name}")
     run_ids = []
     for d in dirs:
-        info_path = Path(d) / "_stage.json"
-        if not info_path.is_file():
+        info_path = storage.join(d, "_stage.json")
+        if not storage.is_file(info_path):
             raise InputError(f"compare stage: {d} is not a finished stage output")
-        run_id = json.loads(info_path.read_text()).get("mlflow_run_id")
+        run_id = storage.read_json(info_path).get("mlflow_run_id")
         if not run_id:
             raise InputError(f"compare stage: {d} has no MLflow run to compare")
         run_ids.append(run_id)
     from vlm import tracking
 
-    report = compare_runs(run_ids, output=Path(output) / "report.html")
-    print(report["table"])
-    # The report belongs where runs are compared: in MLflow, as artifacts of this stage's run.
-    with tracking.start_run("compare", "compare", tags={"vlm.compared": ",".join(run_ids)}, context=context) as run:
-        if run:
-            run.log_text(report["table"], "comparison.txt")
-            for path in (report["html"], report["png"]):
-                if path is not None:
-                    run.log_artifact(path)
-            run.log_metrics({"runs_compared": len(run_ids)})
+    with _local_output(output) as local:
+        report = compare_runs(run_ids, output=local / "report.html")
+        print(report["table"])
+        # The report belongs where runs are compared: in MLflow, as artifacts of this stage's run.
+        tags = {"vlm.compared": ",".join(run_ids)}
+        with tracking.start_run("compare", "compare", tags=tags, context=context) as run:
+            if run:
+                run.log_text(report["table"], "comparison.txt")
+                for path in (report["html"], report["png"]):
+                    if path is not None:
+                        run.log_artifact(path)
+                run.log_metrics({"runs_compared": len(run_ids)})
     return {"metrics": {"runs_compared": len(run_ids)}, "mlflow_run_id": run.run_id if run else None}
 
 

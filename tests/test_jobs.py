@@ -241,6 +241,29 @@ def test_submitted_pipeline_runs_its_pinned_stage_on_the_second_node(cluster, tm
 
 
 @pytest.mark.slow
+def test_submitted_pipeline_writes_only_to_s3_from_both_nodes(cluster, tmp_path, s3):
+    """No shared directory: the same pipeline with `output=s3://...`; both nodes write their stage to the
+    local S3 (the nodes carry the AWS variables, as a cluster's instance profile or env would)."""
+    url = s3.bucket() + "/tiny"
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(PIPELINE.format(out=url))
+    env = _client_env(cluster, tmp_path)
+    res = _vlm("submit", "--address", cluster.url, "--", "vlm", "pipeline", "run", str(spec), env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    keys = s3.keys(url)
+    for stage in ("shards", "clean"):
+        assert f"tiny/{stage}/_SUCCESS" in keys and f"tiny/{stage}/_stage.json" in keys
+        assert f"tiny/{stage}/00000.tar" in keys and f"tiny/{stage}/00001_stats.json" in keys
+    from vlm import storage
+
+    shards = storage.read_json(f"{url}/shards/_stage.json")
+    clean = storage.read_json(f"{url}/clean/_stage.json")
+    assert shards["node_id"] == cluster.stage_node_id and clean["node_id"] != cluster.stage_node_id
+    assert clean["metrics"]["kept"] > 0 and clean["inputs"]["shards"]["digest"] == shards["fingerprint"]
+    assert not list(tmp_path.glob("**/*.tar"))  # nothing landed on a local disk
+
+
+@pytest.mark.slow
 def test_failed_job_is_failed_and_its_logs_are_reachable(cluster, tmp_path):
     """A job whose command fails ends FAILED; `vlm jobs logs/status/list` show it (RAY_ADDRESS as host:port)."""
     env = _client_env(cluster, tmp_path, RAY_ADDRESS=f"127.0.0.1:{cluster.dashboard_port}")

@@ -131,7 +131,7 @@ def resolve(path: str | Path):
         return s3_filesystem(), s.split("://", 1)[1]
     try:
         return pafs.FileSystem.from_uri(s)
-    except (pa_errors() + (ValueError,)) as exc:
+    except pa_errors() + (ValueError,) as exc:
         raise InputError(f"{s}: unsupported storage URL ({exc})") from None
 
 
@@ -212,6 +212,19 @@ def expand(pattern: str | Path) -> list[str]:
     import glob as _glob
 
     return sorted(p for p in _glob.glob(str(Path(s).expanduser())) if Path(p).is_file())
+
+
+def walk_sizes(path: str | Path) -> list[tuple[str, int]]:
+    """(relative path, size) of every file under a directory or prefix, sorted."""
+    import pyarrow.fs as pafs
+
+    fs, p = resolve(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=True))
+    except pa_errors() as exc:
+        raise StorageError.of(path, exc) from None
+    root = p.rstrip("/") + "/"
+    return sorted((i.path[len(root) :], int(i.size)) for i in infos if i.type == pafs.FileType.File)
 
 
 # ----------------------------------------------------------------------------- reads
