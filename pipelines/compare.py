@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import base64
 import html
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm import tracking
+from vlm import storage, tracking
 from vlm.errors import InputError
 
 # (column, names tried in order): the names the stages actually log. CLIP's evaluation is
@@ -298,12 +299,28 @@ def compare_runs(
     runs = select_runs(client, run_ids=list(run_ids), experiments=list(experiments), parent=parent, last=last)
     comp = build_comparison(client, runs, list(extra_metrics))
     result = {"table": format_table(comp), "comparison": comp, "html": None, "png": None}
-    if output:
-        html_path = Path(output)
-        if html_path.suffix.lower() not in (".html", ".htm"):
-            html_path = html_path.with_suffix(html_path.suffix + ".html")
-        png = loss_plot(client, runs, html_path.with_suffix(".png"))
-        html_path.parent.mkdir(parents=True, exist_ok=True)
-        html_path.write_text(render_html(comp, png, uri))
+    if output and storage.is_url(output):  # written locally, then uploaded side by side
+        url = storage.normalize(output)
+        url = url if url.lower().endswith((".html", ".htm")) else url + ".html"
+        storage.check_writable(storage.parent(url))
+        with tempfile.TemporaryDirectory(prefix="vlm-compare-") as tmp:
+            html_path, png = _write_report(client, runs, comp, uri, Path(tmp) / storage.basename(url))
+            png_url = None
+            if png is not None:
+                png_url = url.rsplit(".", 1)[0] + ".png"
+                storage.upload_file(png, png_url)
+            storage.upload_file(html_path, url)
+        result.update(html=url, png=png_url)
+    elif output:
+        html_path, png = _write_report(client, runs, comp, uri, Path(output))
         result.update(html=html_path, png=png)
     return result
+
+
+def _write_report(client, runs, comp: Comparison, uri: str, html_path: Path) -> tuple[Path, Path | None]:
+    if html_path.suffix.lower() not in (".html", ".htm"):
+        html_path = html_path.with_suffix(html_path.suffix + ".html")
+    png = loss_plot(client, runs, html_path.with_suffix(".png"))
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    html_path.write_text(render_html(comp, png, uri))
+    return html_path, png
