@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from vlm.errors import VlmError
 
@@ -140,13 +139,13 @@ def _add_job_address(p: argparse.ArgumentParser) -> None:
 
 def _shard_stage(args, config_cls, run, summary_table, **extra) -> int:
     """Run a shard stage from its command line; print its summary table, output and MLflow run."""
-    from vlm import tracking
+    from vlm import storage, tracking
     from vlm.config import load_config
 
     cfg = load_config(config_cls, args.config, args.overrides)
     manifest = run(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet, **extra)
     print(summary_table(manifest))
-    print(f"output: {Path(args.output).resolve()}  ({manifest['num_shards']} shard(s), _SUCCESS written)")
+    print(f"output: {storage.normalize(args.output)}  ({manifest['num_shards']} shard(s), _SUCCESS written)")
     if manifest.get("mlflow_run_id"):
         print(f"mlflow run: {manifest['mlflow_run_id']}  (view: {tracking.ui_hint(manifest['mlflow_run_id'])})")
     return 0
