@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import training
+from vlm import storage
 from vlm.data.blip_data import BlipDataConfig, BlipPreprocess, Task, checkpoint_of, training_processor
 from vlm.models.blip.config import BlipConfig
 from vlm.models.blip.eval import BlipEvalConfig, evaluate_captioner, evaluate_filter
@@ -71,10 +72,10 @@ class BlipTask(training.Task):
     def check(self) -> None:
         check_start(self.cfg)
 
-    def run_name(self, out: Path) -> str:
+    def run_name(self, out: str) -> str:
         start = checkpoint_of(self.cfg.task, self.cfg.blip)
-        model_name = Path(start).name if start else self.cfg.blip.preset
-        return f"blip-{self.cfg.task}-{self.cfg.blip.backend}-{model_name}-{out.name}"
+        model_name = storage.basename(start) if start else self.cfg.blip.preset
+        return f"blip-{self.cfg.task}-{self.cfg.blip.backend}-{model_name}-{storage.basename(out)}"
 
     def min_samples(self) -> int:
         return -(-self.cfg.train.global_batch_size // self.cfg.data.repeat)  # each pass is repeated
@@ -83,7 +84,7 @@ class BlipTask(training.Task):
         import ray.data
 
         data = self.cfg.data
-        ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if data.shuffle_files else None)
+        ds = training.read_shards(shards, data.shuffle_files)
         ds = ds.map_batches(
             BlipPreprocess(self.cfg.task, self.cfg.blip, data, skips),
             batch_size=64,
@@ -145,7 +146,10 @@ def check_start(cfg: TrainBlipConfig) -> None:
         return
     if cfg.blip.image_size is not None:
         raise ConfigError("blip.image_size applies to preset-built models; a checkpoint brings its own")
-    if Path(start).expanduser().is_absolute() or start.startswith("."):  # a path, not a hub id
+    if storage.is_url(start):  # an export on object storage
+        if not storage.is_dir(start):
+            raise InputError(f"cannot load the blip {cfg.task} checkpoint {start}: no such directory")
+    elif Path(start).expanduser().is_absolute() or start.startswith("."):  # a path, not a hub id
         if not Path(start).expanduser().is_dir():
             raise InputError(f"cannot load the blip {cfg.task} checkpoint {start}: no such directory")
     try:

@@ -7,9 +7,9 @@ This module supplies the CLIP task (dataset, model, loss, export, eval); the dri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pipelines import training
+from vlm import storage
 from vlm.data.clip_data import ClipDataConfig
 from vlm.models.clip.build import CLIPModelConfig
 from vlm.tracking import TrackingConfig, tracking_defaults
@@ -45,11 +45,9 @@ class TrainClipConfig:
 
 def clip_dataset(shards: list[str], preset: str, image_size: int, data_cfg, skips=None):
     """The training dataset: raw WebDataset rows -> ClipPreprocess'd {"image", "text"} batches."""
-    import ray.data
-
     from vlm.data.clip_data import ClipPreprocess
 
-    ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if data_cfg.shuffle_files else None)
+    ds = training.read_shards(shards, data_cfg.shuffle_files)
     transform = ClipPreprocess(preset, image_size, data_cfg, skips)
     return ds.map_batches(transform, batch_size=data_cfg.decode_batch_size, batch_format="numpy")
 
@@ -62,13 +60,15 @@ class ClipTask(training.Task):
     cfg: TrainClipConfig
 
     def check(self) -> None:
-        from vlm.models.clip.build import model_config
+        from vlm.models.clip.build import checkpoint_file, model_config
 
         size = model_config(self.cfg.model.preset)["vision_cfg"]["image_size"]  # unknown preset: ConfigError
         self.image_size = size[0] if isinstance(size, (list, tuple)) else size
+        if self.cfg.model.checkpoint:
+            checkpoint_file(self.cfg.model.checkpoint)  # a missing one: one line here, not in every worker
 
-    def run_name(self, out: Path) -> str:
-        return f"clip-{self.cfg.model.preset}-{out.name}"
+    def run_name(self, out: str) -> str:
+        return f"clip-{self.cfg.model.preset}-{storage.basename(out)}"
 
     def dataset(self, shards, skips):
         return clip_dataset(shards, self.cfg.model.preset, self.image_size, self.cfg.data, skips)

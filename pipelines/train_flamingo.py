@@ -13,11 +13,12 @@ freezes that, as the paper freezes its pretrained LM. An LM given by `model.lm_n
 
 from __future__ import annotations
 
-import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import training
+from vlm import storage
 from vlm.config import to_dict
 from vlm.data.flamingo_data import FlamingoDataConfig, FlamingoPreprocess
 from vlm.errors import ConfigError, InputError
@@ -76,17 +77,18 @@ def model_config(cfg: TrainFlamingoConfig):
     overrides = dict(cfg.model)
     if "vision_checkpoint" in overrides:
         raise ConfigError("set 'vision_checkpoint' at the top level, not as model.vision_checkpoint")
-    if cfg.vision_checkpoint:
-        path = Path(cfg.vision_checkpoint)
-        if not path.exists():
+    if cfg.vision_checkpoint:  # a path or URL (s3://... : an export `vlm train clip` wrote to a bucket)
+        path = storage.normalize(cfg.vision_checkpoint)
+        if not storage.exists(path):
             raise InputError(f"vision checkpoint not found: {cfg.vision_checkpoint}")
-        if path.is_dir():
-            if not (path / EXPORT_WEIGHTS).is_file():
+        if storage.is_dir(path):
+            if not storage.is_file(storage.join(path, EXPORT_WEIGHTS)):
                 raise InputError(f"vision checkpoint {path} is a directory without {EXPORT_WEIGHTS} (a CLIP export)")
-            if (path / EXPORT_CONFIG).is_file() and "vision_model" not in overrides:
-                overrides["vision_model"] = json.loads((path / EXPORT_CONFIG).read_text())["model_cfg"]
-            path = path / EXPORT_WEIGHTS
-        overrides["vision_checkpoint"] = str(path.resolve())
+            config = storage.join(path, EXPORT_CONFIG)
+            if storage.is_file(config) and "vision_model" not in overrides:
+                overrides["vision_model"] = storage.read_json(config)["model_cfg"]
+            path = storage.join(path, EXPORT_WEIGHTS)
+        overrides["vision_checkpoint"] = path
     if cfg.model_preset in FLAMINGO_PRESETS and "max_num_media" not in overrides:
         needed = max([cfg.data.images_per_sequence, *(k + 1 for k in cfg.eval.shots)])
         overrides["max_num_media"] = max(FLAMINGO_PRESETS[cfg.model_preset].get("max_num_media", 32), needed)
@@ -124,6 +126,7 @@ def check_vision_checkpoint(mcfg) -> None:
     import torch
     from open_clip.factory import load_state_dict
 
+    from vlm.models import local_copy
     from vlm.models.flamingo.vision import build_vision_tower
 
     if mcfg.vision_checkpoint is None:
@@ -132,7 +135,7 @@ def check_vision_checkpoint(mcfg) -> None:
         tower = build_vision_tower(mcfg.vision_model)
     want = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
     try:
-        state = load_state_dict(mcfg.vision_checkpoint)
+        state = load_state_dict(local_copy(mcfg.vision_checkpoint))  # a URL: downloaded once per process
     except Exception as exc:  # any unreadable file: one line, not a traceback
         raise InputError(f"cannot read vision checkpoint {mcfg.vision_checkpoint}: {exc}") from None
     if any(k.startswith("visual.") for k in state):
@@ -146,19 +149,21 @@ def check_vision_checkpoint(mcfg) -> None:
         )
 
 
-def pretrain_lm(shards: list[str], out: Path, cfg: TrainFlamingoConfig, mcfg) -> tuple[object, dict]:
+def pretrain_lm(shards: list[str], out: str, cfg: TrainFlamingoConfig, mcfg) -> tuple[object, dict]:
     """(model config, metrics): with lm_pretrain.steps > 0 and a config-built LM, pretrain the LM on the
-    shards' caption text into `out/lm` (once; a finished directory is reused) and point the model at it."""
+    shards' caption text into `out/lm` (once; a finished directory is reused) and point the model at it.
+    On a URL output the LM is trained into a local temp dir and uploaded, its marker last; workers then
+    download it (vlm.models.local_copy)."""
     import dataclasses
 
     from vlm.data.flamingo_data import shard_captions
     from vlm.models.flamingo.build import build_lm, build_tokenizer
-    from vlm.models.flamingo.text_lm import TextLMTraining, is_done, pair_text, pretrain_text_lm
+    from vlm.models.flamingo.text_lm import DONE_MARKER, TextLMTraining, is_done, pair_text, pretrain_text_lm
 
     pre = cfg.lm_pretrain
     if pre.steps <= 0 or mcfg.lm_name_or_path is not None:
         return mcfg, {}
-    lm_dir = out / "lm"
+    lm_dir = storage.join(out, "lm")
     metrics: dict = {}
     if not is_done(lm_dir):
         captions = shard_captions(shards, cfg.data.caption_source, pre.max_captions, seed=cfg.train.seed)
@@ -169,9 +174,17 @@ def pretrain_lm(shards: list[str], out: Path, cfg: TrainFlamingoConfig, mcfg) ->
 
         torch.manual_seed(cfg.train.seed)
         train = TextLMTraining(pre.steps, pre.lr, pre.batch_size, pre.seq_len, pre.warmup_steps, cfg.train.seed)
-        metrics = pretrain_text_lm(build_lm(mcfg), build_tokenizer(mcfg), texts, lm_dir, train)
+        if storage.is_url(lm_dir):
+            with tempfile.TemporaryDirectory(prefix="vlm-lm-") as tmp:
+                metrics = pretrain_text_lm(build_lm(mcfg), build_tokenizer(mcfg), texts, tmp, train)
+                (Path(tmp) / DONE_MARKER).unlink()
+                storage.rmtree(lm_dir)  # an unfinished upload of a killed run
+                storage.copy_dir(tmp, lm_dir)
+                storage.write_bytes(storage.join(lm_dir, DONE_MARKER), b"")
+        else:
+            metrics = pretrain_text_lm(build_lm(mcfg), build_tokenizer(mcfg), texts, lm_dir, train)
         metrics["lm_pretrain_captions"] = len(texts)
-    return dataclasses.replace(mcfg, lm_name_or_path=str(lm_dir)), metrics
+    return dataclasses.replace(mcfg, lm_name_or_path=lm_dir), metrics
 
 
 class FlamingoTask(training.Task):
@@ -186,8 +199,8 @@ class FlamingoTask(training.Task):
         check_vision_checkpoint(self.model_cfg)
         self.image_size = vision_image_size(self.model_cfg)
 
-    def run_name(self, out: Path) -> str:
-        return f"flamingo-{self.cfg.model_preset}-{out.name}"
+    def run_name(self, out: str) -> str:
+        return f"flamingo-{self.cfg.model_preset}-{storage.basename(out)}"
 
     def prepare(self, shards, out) -> dict:
         self.model_cfg, metrics = pretrain_lm(shards, out, self.cfg, self.model_cfg)
@@ -200,9 +213,7 @@ class FlamingoTask(training.Task):
         return {"model_config.json": to_dict(self.model_cfg)}
 
     def dataset(self, shards, skips):
-        import ray.data
-
-        ds = ray.data.read_webdataset(shards, decoder=None, shuffle="files" if self.cfg.data.shuffle_files else None)
+        ds = training.read_shards(shards, self.cfg.data.shuffle_files)
         # Packing happens within a batch: whole sequences' worth of pairs per batch.
         return ds.map_batches(
             FlamingoPreprocess(self.model_cfg.lm_name_or_path, self.image_size, self.cfg.data, skips),

@@ -7,18 +7,22 @@ starts, so bad input costs seconds and leaves nothing written), the DeepSpeed di
 `train_state.json` that makes `--resume` reopen the same Ray run and MLflow run, the MLflow run,
 the skipped-sample counter, the `TorchTrainer`, and the result. The per-worker loop is
 `vlm.train.loop.train_worker`, run by the one worker function `_worker`.
+
+`data` and `output` may be object-store URLs (s3://bucket/prefix): shards are listed and read through
+`vlm.storage` (Ray Data reads them with its pyarrow filesystem), Ray Train's storage is the output URL
+(every rank's DeepSpeed shard is uploaded there, and restored from there on a failure or `--resume`),
+and the driver's files and the export are published there; nothing needs a shared directory. Output
+paths are carried as `str` (a normalized local path or a URL).
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import math
 import os
 import sys
 import time
-from pathlib import Path
 
+from vlm import storage
 from vlm.errors import ClusterError, InputError
 
 STATE_FILE = "train_state.json"
@@ -41,15 +45,15 @@ class Task:
     def check(self) -> None:
         """One-line errors for bad input the task can see before Ray starts (checkpoints, configs)."""
 
-    def run_name(self, out: Path) -> str:
+    def run_name(self, out: str) -> str:
         """The MLflow run name when `tracking.run_name` is not set."""
-        return f"{self.kind}-{out.name}"
+        return f"{self.kind}-{storage.basename(out)}"
 
     def min_samples(self) -> int:
         """Samples the shards must hold for every worker to get a batch (one global batch by default)."""
         return self.cfg.train.global_batch_size
 
-    def prepare(self, shards: list[str], out: Path) -> dict:
+    def prepare(self, shards: list[str], out: str) -> dict:
         """Work before training, in the driver, with Ray up (Flamingo: pretrain its LM); returns metrics."""
         return {}
 
@@ -81,7 +85,7 @@ def run(task: Task, cfg, data: str, output, *, resume=False, address=None, paren
     from vlm.train.config import deepspeed_config, micro_batch_size
     from vlm.train.progress import TrainProgress, step_board
 
-    out = check_output_dir(output)
+    out = str(check_output_dir(output))  # a URL: its bucket exists and takes a write (one line otherwise)
     shards = find_shards(data)
     task.check()
     micro = micro_batch_size(cfg.train, cfg.scaling.num_workers)
@@ -97,18 +101,18 @@ def run(task: Task, cfg, data: str, output, *, resume=False, address=None, paren
 
     init_ray(address, num_cpus=local_cpus(cfg.scaling))
     check_data_headroom(cfg.scaling)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     prepared = task.prepare(shards, out)
-    write_config(cfg, out / "config.yaml")
+    write_config(cfg, storage.join(out, "config.yaml"))
     files = {**task.files(), "deepspeed.json": ds_config}
     for name, content in files.items():
-        (out / name).write_text(json.dumps(content, indent=2))
+        storage.write_json(storage.join(out, name), content)
     run_name = ray_run_name(previous, task.kind)
 
     with tracking.start_run(
         cfg.tracking.experiment,
         cfg.tracking.run_name or task.run_name(out),
-        tags={"stage": task.stage, "output": str(out), "data": data},
+        tags={"stage": task.stage, "output": out, "data": data},
         run_id=previous.get("mlflow_run_id") if previous else None,
         parent_run_id=parent_run_id,
     ) as mlrun:
@@ -154,39 +158,79 @@ def _worker(config: dict) -> None:
     train_worker(config["task"], config["spec"])
 
 
-def _result(out: Path, result, mlrun, skips) -> dict:
+def _result(out: str, result, mlrun, skips) -> dict:
     import ray
 
-    eval_path = out / "eval.json"
-    evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+    eval_path = storage.join(out, "eval.json")
+    evals = storage.read_json(eval_path) if storage.is_file(eval_path) else {}
+    export = storage.join(out, "export")
     if mlrun:
-        mlrun.log_artifact(out / "export", "model")
-        mlrun.log_artifact(out / "config.yaml")
+        with storage.local_dir(export) as local:  # MLflow logs local files (a download of a URL export)
+            mlrun.log_artifact(local, "model")
+        with storage.local_file(storage.join(out, "config.yaml")) as local:
+            mlrun.log_artifact(local)
     return {
         "eval": evals,
         "mlflow_run_id": mlrun.run_id if mlrun else None,
-        "export": str(out / "export"),
+        "export": export,
         "steps": evals.get("step"),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint_location(out, result.checkpoint),
         "samples_skipped": int(ray.get(skips.total.remote())),
     }
 
 
+def checkpoint_location(out: str, checkpoint) -> str | None:
+    """Ray Train's checkpoint path as a user spells it: local, or a URL of the output's scheme
+    (Ray reports a path inside its storage filesystem, `bucket/...`)."""
+    if checkpoint is None:
+        return None
+    if storage.is_url(out):
+        return f"{storage.scheme(out)}://{checkpoint.path}"
+    return checkpoint.path
+
+
 def find_shards(spec: str) -> list[str]:
-    """Tar shards from a directory, a glob, or a comma-separated list of those."""
+    """Tar shards from a directory, a glob, or a comma-separated list of those; local paths or URLs
+    (all on one filesystem). In a URL directory whose shards carry `{shard}_stats.json` (our stages'
+    and img2dataset's layout), a tar without its stats object is not complete yet and is left out:
+    object storage has no rename, so the stats object, written last, marks a shard whole."""
     paths: list[str] = []
     for part in [p for p in str(spec).split(",") if p]:
-        found = sorted(glob.glob(os.path.join(part, "*.tar"))) if os.path.isdir(part) else sorted(glob.glob(part))
-        paths += [os.path.abspath(p) for p in found if p.endswith(".tar")]
+        if storage.is_url(part):
+            storage.check_readable(part.rsplit("/", 1)[0] if any(c in part for c in "*?[") else part)
+        if storage.is_dir(part):
+            names = storage.listdir(part)  # one listing, not a request per shard
+            found = [storage.join(part, n) for n in names if n.endswith(".tar")]
+            stats = {n[: -len("_stats.json")] for n in names if n.endswith("_stats.json")}
+            if storage.is_url(part) and stats:
+                found = [p for p in found if storage.basename(p)[: -len(".tar")] in stats]
+        else:
+            found = storage.expand(part)
+        paths += [storage.normalize(p) for p in sorted(found) if p.endswith(".tar")]
     if not paths:
         raise InputError(f"no WebDataset shards (*.tar) found at {spec}")
+    schemes = {storage.scheme(p) for p in paths}
+    if len(schemes) > 1:
+        raise InputError(f"--data {spec} mixes storage ({', '.join(sorted(schemes))}); keep the shards on one")
     return paths
 
 
-def previous_run(out: Path, resume: bool) -> dict | None:
+def read_shards(shards: list[str], shuffle_files: bool):
+    """Ray Data's raw WebDataset rows of `shards` (local or on object storage, through its filesystem)."""
+    import ray.data
+
+    return ray.data.read_webdataset(
+        [storage.fs_path(p) for p in shards],
+        filesystem=storage.filesystem(shards[0]),
+        decoder=None,
+        shuffle="files" if shuffle_files else None,
+    )
+
+
+def previous_run(out: str, resume: bool) -> dict | None:
     """The run state in `out` (for --resume), or None for a new run; refuses the mismatches."""
-    state_file = out / STATE_FILE
-    previous = json.loads(state_file.read_text()) if state_file.is_file() else None
+    state_file = storage.join(out, STATE_FILE)
+    previous = storage.read_json(state_file) if storage.is_file(state_file) else None
     if resume and previous is None:
         raise InputError(f"nothing to resume: {out} holds no training run (no {STATE_FILE})")
     if not resume and previous is not None:
@@ -198,9 +242,9 @@ def ray_run_name(previous: dict | None, kind: str) -> str:
     return previous["ray_run_name"] if previous else f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def write_state(out: Path, run_name: str, run_id: str | None, shards: list[str]) -> None:
-    (out / STATE_FILE).write_text(
-        json.dumps({"ray_run_name": run_name, "mlflow_run_id": run_id, "data": shards}, indent=2)
+def write_state(out: str, run_name: str, run_id: str | None, shards: list[str]) -> None:
+    storage.write_json(
+        storage.join(out, STATE_FILE), {"ray_run_name": run_name, "mlflow_run_id": run_id, "data": shards}
     )
 
 
@@ -260,7 +304,7 @@ def log_setup(run, cfg, ds_config: dict, params: dict) -> None:
     run.log_dict(ds_config, "deepspeed.json")
 
 
-def loop_spec(cfg, ds_config: dict, micro: int, out: Path, run_id: str | None):
+def loop_spec(cfg, ds_config: dict, micro: int, out: str, run_id: str | None):
     """The workers' `LoopSpec` from a trainer config's common sections (train, scaling)."""
     from vlm import tracking
     from vlm.config import to_dict
@@ -275,7 +319,7 @@ def loop_spec(cfg, ds_config: dict, micro: int, out: Path, run_id: str | None):
         seed=cfg.train.seed,
         torch_threads=cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)),
         malloc_keep_mb=cfg.scaling.malloc_keep_mb,
-        output_dir=str(out),
+        output_dir=out,
         mlflow_uri=tracking.tracking_uri(),
         mlflow_run_id=run_id,
         config=to_dict(cfg),
@@ -298,7 +342,7 @@ def single_rank_zero_note(cfg) -> str | None:
     )
 
 
-def fit(worker_fn, loop_config: dict, cfg, out: Path, run_name: str, dataset):
+def fit(worker_fn, loop_config: dict, cfg, out: str, run_name: str, dataset):
     """Build the TorchTrainer from `cfg.scaling`/`cfg.train`, fit it; returns Ray Train's Result."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -326,7 +370,9 @@ def fit(worker_fn, loop_config: dict, cfg, out: Path, run_name: str, dataset):
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(out / "ray"),
+            # A URL: Ray Train's own filesystem argument, with the path spelled without its scheme.
+            storage_path=storage.fs_path(storage.join(out, "ray")),
+            storage_filesystem=storage.filesystem(out) if storage.is_url(out) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),

@@ -76,7 +76,9 @@ def flamingo_tokenizer(lm_name_or_path: str | None):
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(lm_name_or_path)
+        from vlm.models import local_copy
+
+        tokenizer = AutoTokenizer.from_pretrained(local_copy(lm_name_or_path))  # a URL: downloaded once
     add_flamingo_tokens(tokenizer)
     return tokenizer
 
@@ -219,15 +221,18 @@ def pil_pixels(images: list, image_size: int) -> np.ndarray:
 def shard_captions(shards: list[str], caption_source: str, limit: int | None = None, seed: int = 0) -> list[str]:
     """Training captions of WebDataset shards, chosen as `FlamingoPreprocess` chooses them, in shard order.
 
-    Reads only the `.txt` and `.json` members (no image bytes); stops after `limit` samples.
+    Reads only the `.txt` and `.json` members (no image bytes; a shard is streamed, locally or from
+    object storage); stops after `limit` samples.
     """
     import tarfile
+
+    from vlm import storage
 
     rng = random.Random(seed)
     out: list[str] = []
     for path in shards:
         texts: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(path, "r") as tar:
+        with storage.open_input(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if member.isfile() and ext in ("txt", "json"):

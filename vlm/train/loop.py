@@ -20,12 +20,15 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from vlm import storage
 from vlm.train.sched import thread_cpu_wait_s
 
 log = logging.getLogger(__name__)
@@ -145,7 +148,7 @@ def setup(task: TrainTask, spec: LoopSpec) -> Worker:
     keep_freed_memory(spec.malloc_keep_mb)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _record_pid(Path(spec.output_dir), rank)
+    _record_pid(spec.output_dir, rank)
     _set_seed(spec.seed + rank)
 
     model = task.build_model()
@@ -281,12 +284,13 @@ def finish(w: Worker) -> None:
         return
     from vlm.models.scalars import SCALARS_ATTR, restore_scalar_state_dict
 
-    out = Path(w.spec.output_dir)
+    out = w.spec.output_dir
     restore_scalar_state_dict(state_dict, getattr(engine.module, SCALARS_ATTR, ()))
-    export_dir = out / "export"
-    w.task.export(state_dict, export_dir)
-    run = w.logger.run if w.logger else None
-    metrics = w.task.evaluate(export_dir, run)
+    with export_location(out) as export_dir:
+        w.task.export(state_dict, export_dir)
+        publish_export(export_dir, out)
+        run = w.logger.run if w.logger else None
+        metrics = w.task.evaluate(export_dir, run)
     final = {
         **{f"eval/{k}": v for k, v in metrics.items()},
         "final_step": state["step"],
@@ -295,7 +299,26 @@ def finish(w: Worker) -> None:
     }
     if w.logger:
         w.logger.log(final, step=state["step"])
-    (out / "eval.json").write_text(json.dumps({"step": state["step"], **metrics}, indent=2))
+    storage.write_json(storage.join(out, "eval.json"), {"step": state["step"], **metrics})  # last: the run is done
+
+
+@contextmanager
+def export_location(out: str) -> Iterator[Path]:
+    """Where rank 0 writes the export: OUTPUT/export, or for a URL output a local temp dir that
+    `publish_export` uploads (the export writers and evaluators need files on disk)."""
+    if not storage.is_url(out):
+        yield Path(storage.join(out, "export"))
+        return
+    with tempfile.TemporaryDirectory(prefix="vlm-export-") as tmp:
+        yield Path(tmp) / "export"
+
+
+def publish_export(export_dir: Path, out: str) -> None:
+    """Upload a URL output's export (every file, before eval.json says the run is done)."""
+    if storage.is_url(out):
+        target = storage.join(out, "export")
+        storage.rmtree(target)  # a resumed run's earlier export: no stale file stays beside the new ones
+        storage.copy_dir(export_dir, target)
 
 
 def local_shuffle_buffer(micro_batch: int) -> int:
@@ -405,11 +428,12 @@ def _progress_line(step: int, max_steps: int, metrics: dict) -> str:
     return f"[train] step {step}/{max_steps} {shown}"
 
 
-def _record_pid(out: Path, rank: int) -> None:
-    """Each worker writes its pid (operators and the failure test find workers by it)."""
-    d = out / "_workers"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / f"rank{rank}.pid").write_text(str(os.getpid()))
+def _record_pid(out: str, rank: int) -> None:
+    """Each worker writes its pid (operators and the failure test find workers by it; on a URL
+    output one tiny object per worker start, so nothing needs a local output directory)."""
+    d = storage.join(out, "_workers")
+    storage.makedirs(d)
+    storage.write_text(storage.join(d, f"rank{rank}.pid"), str(os.getpid()))
 
 
 def _save(engine, state: dict, spec: LoopSpec, metrics: dict) -> None:

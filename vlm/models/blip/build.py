@@ -1,9 +1,10 @@
 """Build or load the CapFilt captioner and filter (HF transformers BLIP / BLIP-2) with processors.
 
 With `pretrained` / `filter_pretrained` set, models and processors load with `from_pretrained`
-from a local directory (what `export_pretrained` writes, e.g. after `vlm train blip`) or a hub id
-when online. Without, they are built at a named preset size (`config.PRESETS`) with random
-weights seeded by `cfg.seed`, and processors whose tokenizers are made offline (`tokenization`).
+from a local directory (what `export_pretrained` writes, e.g. after `vlm train blip`), the same at a
+URL (s3://..., downloaded once per process), or a hub id when online. Without, they are built at a named
+preset size (`config.PRESETS`) with random weights seeded by `cfg.seed`, and processors whose tokenizers
+are made offline (`tokenization`).
 
     backend  captioner                        filter
     blip     BlipForConditionalGeneration     BlipForImageTextRetrieval (ITM head + ITC projections)
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from vlm.models import local_copy
 from vlm.models.blip.config import BlipConfig, ModelPreset, get_preset
 from vlm.models.blip.tokenization import bert_tokenizer, opt_tokenizer
 from vlm.models.scalars import reshape_scalar_params, restore_scalar_params
@@ -191,6 +193,7 @@ def _load(cls, path: str, cfg: BlipConfig):
 
     if cfg.image_size is not None:
         raise ValueError("blip.image_size applies to preset-built models; a checkpoint brings its own")
+    path = local_copy(path)  # an export on object storage (s3://...): downloaded once per process
     model = cls.from_pretrained(path, dtype=torch_dtype(cfg.dtype))
     processor = AutoProcessor.from_pretrained(path)
     return model.eval(), processor
@@ -203,7 +206,7 @@ def build_processor(cfg: BlipConfig, model: Literal["captioner", "filter"]):
 
     path = cfg.pretrained if model == "captioner" else cfg.filter_pretrained
     if path:
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(local_copy(path))
     preset = get_preset(cfg.backend, cfg.preset)
     image_size = cfg.image_size or preset.vision.image_size
     if cfg.backend == "blip":

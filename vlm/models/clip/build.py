@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from vlm import storage
 from vlm.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -27,7 +28,7 @@ _registered = False
 @dataclass
 class CLIPModelConfig:
     preset: str = "vlm-clip-tiny"  # an open_clip model name (ViT-B-32, RN50, ...) or one of ours
-    checkpoint: str | None = None  # a local open_clip checkpoint file (or export dir) to start from
+    checkpoint: str | None = None  # an open_clip checkpoint file (or export dir) to start from; a path or URL
     grad_checkpointing: bool = False
 
 
@@ -63,21 +64,27 @@ def model_config(preset: str) -> dict:
     return cfg
 
 
+def checkpoint_file(checkpoint: str) -> str:
+    """The weights file of a checkpoint given as a file or an export dir (a path or URL);
+    ConfigError (one line) if there is none."""
+    path = storage.join(checkpoint, EXPORT_WEIGHTS) if storage.is_dir(checkpoint) else str(checkpoint)
+    if not storage.is_file(path):
+        raise ConfigError(f"CLIP checkpoint not found: {checkpoint}")
+    return path
+
+
 def build_clip(cfg: CLIPModelConfig):
-    """Returns (model, tokenizer, model_cfg). Weights from `cfg.checkpoint` if given."""
+    """Returns (model, tokenizer, model_cfg). Weights from `cfg.checkpoint` if given (a URL is
+    downloaded to a temporary file for open_clip, which reads local files)."""
     import open_clip
 
     model_cfg = model_config(cfg.preset)
-    pretrained = None
-    if cfg.checkpoint:
-        path = Path(cfg.checkpoint)
-        if path.is_dir():
-            path = path / EXPORT_WEIGHTS
-        if not path.is_file():
-            raise ConfigError(f"CLIP checkpoint not found: {cfg.checkpoint}")
-        pretrained = str(path)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip's "random init" notice
-    model = open_clip.create_model(cfg.preset, pretrained=pretrained)
+    if cfg.checkpoint:
+        with storage.local_file(checkpoint_file(cfg.checkpoint)) as weights:
+            model = open_clip.create_model(cfg.preset, pretrained=str(weights))
+    else:
+        model = open_clip.create_model(cfg.preset)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = open_clip.get_tokenizer(cfg.preset)
@@ -113,11 +120,13 @@ def export_clip(state_dict: dict[str, torch.Tensor], model_cfg: dict, out_dir: s
 
 
 def load_export(path: str | Path):
-    """Load an export with open_clip alone (the `local-dir:` schema). Returns (model, tokenizer)."""
+    """Load an export with open_clip alone (the `local-dir:` schema; an export at a URL is
+    downloaded to a temporary directory first). Returns (model, tokenizer)."""
     import open_clip
 
-    model = open_clip.create_model(f"local-dir:{Path(path).resolve()}")
-    cfg = json.loads((Path(path) / EXPORT_CONFIG).read_text())
+    with storage.local_dir(path) as local:
+        model = open_clip.create_model(f"local-dir:{local}")
+        cfg = json.loads((local / EXPORT_CONFIG).read_text())
     register_presets()
     tokenizer = open_clip.get_tokenizer(cfg.get("preset") or "ViT-B-32")
     return model.eval(), tokenizer

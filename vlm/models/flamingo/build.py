@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlm import storage
 from vlm.errors import ConfigError, InputError
+from vlm.models import local_copy
 from vlm.models.flamingo.config import FlamingoConfig
 from vlm.models.flamingo.lm import find_decoder_layers
 from vlm.models.flamingo.model import Flamingo, check_embeddings
@@ -54,6 +56,10 @@ def lm_config(cfg: FlamingoConfig):
     from transformers import AutoConfig
 
     path = cfg.lm_name_or_path
+    if path is not None and storage.is_url(path):  # an LM directory on object storage (s3://...)
+        if not storage.is_dir(path):
+            raise InputError(f"model.lm_name_or_path: no LM directory at {path}")
+        path = local_copy(path)
     if cfg.lm_config is not None and not (path is not None and Path(path).is_dir()):
         try:
             return hf_config(cfg.lm_config)
@@ -73,7 +79,7 @@ def build_lm(cfg: FlamingoConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     if cfg.lm_name_or_path is not None:
-        return AutoModelForCausalLM.from_pretrained(cfg.lm_name_or_path)
+        return AutoModelForCausalLM.from_pretrained(local_copy(cfg.lm_name_or_path))
     return AutoModelForCausalLM.from_config(lm_config(cfg))
 
 
@@ -113,7 +119,7 @@ def build_tokenizer(cfg: FlamingoConfig):
     if cfg.lm_name_or_path is not None:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(cfg.lm_name_or_path)
+        return AutoTokenizer.from_pretrained(local_copy(cfg.lm_name_or_path))
     return offline_tokenizer()
 
 
@@ -249,14 +255,15 @@ def export_flamingo(
 
 
 def load_flamingo_export(path) -> tuple[Flamingo, object]:
-    """(model in eval mode, tokenizer) from an `export_flamingo` directory; no other files are read."""
+    """(model in eval mode, tokenizer) from an `export_flamingo` directory (a path or URL); no other files
+    are read."""
     import json
     from pathlib import Path
 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
+    path = Path(local_copy(str(path)))
     meta = json.loads((path / EXPORT_CONFIG).read_text())
     cfg = FlamingoConfig(**meta["model"])
     tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -53,7 +53,10 @@ def token_rows(tokenizer, texts: list[str], rows: int, seq_len: int, rng: random
 
 
 def is_done(out_dir: str | Path) -> bool:
-    return (Path(out_dir) / DONE_MARKER).is_file()
+    """A finished LM directory (a path or URL): its marker is there."""
+    from vlm import storage
+
+    return storage.is_file(storage.join(out_dir, DONE_MARKER))
 
 
 def pretrain_text_lm(lm, tokenizer, texts: list[str], out_dir: str | Path, train: TextLMTraining) -> dict[str, float]:

@@ -13,10 +13,13 @@ from torch import nn
 
 
 def _load_visual_weights(visual: nn.Module, checkpoint: str) -> None:
-    """Load a full open_clip checkpoint's `visual.*` weights, or a vision-only state dict, strictly."""
+    """Load a full open_clip checkpoint's `visual.*` weights, or a vision-only state dict, strictly
+    (a local file or a URL, downloaded once per process)."""
     from open_clip.factory import load_state_dict
 
-    state = load_state_dict(checkpoint)
+    from vlm.models import local_copy
+
+    state = load_state_dict(local_copy(checkpoint))
     if any(k.startswith("visual.") for k in state):
         state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
     visual.load_state_dict(state, strict=True)
