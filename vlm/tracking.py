@@ -1,7 +1,13 @@
 """The one place stages talk to MLflow.
 
 Embedded default: a SQLite store `mlruns.db` and artifacts under `mlartifacts/` in the working
-directory; `MLFLOW_TRACKING_URI` points everything at a server instead. Each stage opens a
+directory; `MLFLOW_TRACKING_URI` points everything at a server instead. Artifacts go to object
+storage either through a server (`mlflow server --artifacts-destination s3://...`: the server
+proxies them, clients need no storage credentials) or, with a database store the client opens
+itself (the embedded SQLite, postgresql://...), to `MLFLOW_DEFAULT_ARTIFACT_ROOT`, the variable
+`mlflow server --default-artifact-root` reads: new experiments get `ROOT/<experiment>` as their
+artifact location and the client writes there itself (boto3 for s3://, which honours
+AWS_ENDPOINT_URL and the other AWS variables). Each stage opens a
 `Run`, logs its flattened resolved config as params, metrics as it goes and artifacts at the
 end. Tracking must never take a job down: a failing or slow tracking call warns and the job
 goes on (the data written is the product; the run is its record).
@@ -25,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+ARTIFACT_ROOT_ENV = "MLFLOW_DEFAULT_ARTIFACT_ROOT"  # the name `mlflow server --default-artifact-root` reads
 
 
 @dataclass
@@ -64,6 +71,25 @@ def _is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def _is_server(uri: str) -> bool:
+    """A tracking server decides artifact locations itself; a database store is opened by the client."""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def artifact_root(uri: str | None = None) -> str | None:
+    """Where new experiments keep their artifacts, for a store the client opens itself:
+    MLFLOW_DEFAULT_ARTIFACT_ROOT (any URL MLflow writes to: s3://, gs://, a local path), else
+    `mlartifacts/` in the working directory for the embedded store, else MLflow's default (None).
+    None for a tracking server: its --artifacts-destination / --default-artifact-root apply."""
+    uri = uri or tracking_uri()
+    if _is_server(uri):
+        return None
+    root = os.environ.get(ARTIFACT_ROOT_ENV, "").strip()
+    if root:
+        return root.rstrip("/") if "://" in root else Path(root).expanduser().resolve().as_uri()
+    return (Path.cwd() / DEFAULT_ARTIFACTS).as_uri() if _is_embedded(uri) else None
+
+
 def _quiet_mlflow() -> None:
     import mlflow  # noqa: F401  (its import configures the loggers we then quiet)
 
@@ -95,6 +121,24 @@ class Run:
         import mlflow
 
         self._client = mlflow.MlflowClient(tracking_uri=uri)
+        # Set when the artifact store failed once: MLflow has already retried that call for minutes
+        # (a proxied upload to a missing bucket: ~4 min), so later artifacts are skipped, not retried.
+        self.artifacts_off: str | None = None
+
+    def _artifacts_failed(self, problem: str) -> None:
+        if self.artifacts_off is None:
+            log.warning(
+                "mlflow artifacts of run %s are not logged (params and metrics still are): %s", self.run_id, problem
+            )
+        self.artifacts_off = problem
+
+    def _log_artifact_call(self, call: Callable[[], Any]) -> None:
+        if self.artifacts_off is not None:
+            return
+        try:
+            call()
+        except Exception as exc:  # tracking must not kill the job
+            self._artifacts_failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     @_safe
     def log_params(self, params: dict[str, Any]) -> None:
@@ -125,15 +169,27 @@ class Run:
 
     @_safe
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path)
+        """Log a file or directory, local or at a storage URL (s3://...: downloaded first)."""
+        from vlm import storage
+
+        if not storage.is_url(path):
+            self._log_artifact_call(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+            return
+        with tempfile.TemporaryDirectory(prefix="vlm-artifact-") as tmp:
+            local = Path(tmp) / storage.basename(path)
+            if storage.is_dir(path):
+                storage.copy_dir(str(path), str(local))
+            else:
+                local.write_bytes(storage.read_bytes(path))
+            self._log_artifact_call(lambda: self._client.log_artifact(self.run_id, str(local), artifact_path))
 
     @_safe
     def log_text(self, text: str, name: str) -> None:
-        self._client.log_text(self.run_id, text, name)
+        self._log_artifact_call(lambda: self._client.log_text(self.run_id, text, name))
 
     @_safe
     def log_dict(self, data: dict, name: str) -> None:
-        self._client.log_dict(self.run_id, data, name)
+        self._log_artifact_call(lambda: self._client.log_dict(self.run_id, data, name))
 
     @_safe
     def log_image(self, image, name: str) -> None:
@@ -141,7 +197,7 @@ class Run:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             image.save(path)
-            self._client.log_artifact(self.run_id, str(path))
+            self._log_artifact_call(lambda: self._client.log_artifact(self.run_id, str(path)))
 
     @_safe
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -180,10 +236,9 @@ def experiment_tags(name: str) -> dict[str, str]:
 
 def _experiment_id(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
+    root = artifact_root(uri)
     if exp is None:
-        location = None
-        if _is_embedded(uri):
-            location = (Path.cwd() / DEFAULT_ARTIFACTS / name).as_uri()
+        location = _location(root, name) if root else None
         try:
             return client.create_experiment(name, artifact_location=location, tags=experiment_tags(name))
         except Exception:  # created concurrently by another process
@@ -196,7 +251,66 @@ def _experiment_id(client, name: str, uri: str) -> str:
                 client.set_experiment_tag(exp.experiment_id, key, value)
         except Exception as exc:
             log.warning("mlflow could not tag experiment %s: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
+    if os.environ.get(ARTIFACT_ROOT_ENV) and root and not (exp.artifact_location or "").startswith(root):
+        log.warning(
+            "mlflow experiment %s keeps its artifact location %s (%s applies to new experiments only)",
+            name,
+            exp.artifact_location,
+            ARTIFACT_ROOT_ENV,
+        )
     return exp.experiment_id
+
+
+def _location(root: str, experiment: str) -> str:
+    if root.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return (Path(unquote(urlparse(root).path)) / experiment).as_uri()
+    return f"{root}/{experiment}"
+
+
+def artifact_store_problem(artifact_uri: str) -> str | None:
+    """None if a run's artifact store answers a listing, else the problem in one line.
+
+    One cheap read before a stage logs anything: a missing bucket or unreachable endpoint then
+    costs one warning, not minutes of MLflow's retries on every artifact. A server-proxied store
+    (mlflow-artifacts:/) is asked once, without retries; any other URI through MLflow's own
+    artifact repository (boto3 for s3://), the code that will write the artifacts.
+    """
+    try:
+        if artifact_uri.startswith("mlflow-artifacts:"):
+            from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+            from mlflow.utils.credentials import get_default_host_creds
+            from mlflow.utils.request_utils import augmented_raise_for_status
+            from mlflow.utils.rest_utils import http_request
+
+            resolved = MlflowArtifactsRepository.resolve_uri(artifact_uri, tracking_uri())
+            base, tail = resolved.split("/mlflow-artifacts/artifacts", 1)
+            resp = http_request(
+                get_default_host_creds(base),
+                "/mlflow-artifacts/artifacts",
+                "GET",
+                params={"path": tail.lstrip("/")},
+                max_retries=0,
+                timeout=30,
+            )
+            augmented_raise_for_status(resp)
+        else:
+            from mlflow.artifacts import list_artifacts
+
+            list_artifacts(artifact_uri=artifact_uri)
+    except Exception as exc:
+        return f"{artifact_uri}: {_problem(exc)}"
+    return None
+
+
+def _problem(exc: BaseException) -> str:
+    text = str(exc)
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return "bucket does not exist"
+    if "500" in text and "mlflow-artifacts" in text:
+        return "the tracking server cannot reach its artifact store (a missing bucket? see the server's log)"
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 @contextmanager
@@ -238,6 +352,9 @@ def start_run(
         else:
             client.update_run(run_id, status="RUNNING")
         run = Run(run_id, experiment, uri)
+        problem = artifact_store_problem(client.get_run(run_id).info.artifact_uri)
+        if problem:
+            run._artifacts_failed(problem)
     except Exception as exc:
         log.warning("mlflow unavailable at %s (%s); continuing without tracking", uri, str(exc).splitlines()[0])
         yield None
