@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,8 +85,9 @@ def _embeddings(model, tokenizer):
 @pytest.mark.timeout(480)
 def test_killed_s3_run_resumes_from_s3_and_exports_there(s3, s3_shards, ray_local, mlflow_store, tmp_path, monkeypatch):
     """ZeRO-3 on 2 workers from s3:// shards to an s3:// output: kill the driver after a checkpoint is
-    registered on S3, `--resume` continues from it in the same MLflow run, and the export lands in the bucket,
-    loads in open_clip from a downloaded copy and equals the final DeepSpeed checkpoint (also on S3)."""
+    registered on S3, `--resume` continues from it in the same MLflow run and survives a killed worker, and
+    the export lands in the bucket, loads in open_clip from a downloaded copy and equals the final DeepSpeed
+    checkpoint (also on S3)."""
     import open_clip
 
     from vlm.models.clip.build import load_export, register_presets
@@ -112,12 +114,36 @@ def test_killed_s3_run_resumes_from_s3_and_exports_there(s3, s3_shards, ray_loca
     first_run = storage.read_json(f"{out}/train_state.json")["mlflow_run_id"]
     time.sleep(2)  # let Ray reap the dead job's workers before starting new ones
 
-    result = train_clip(s3_shards, out, cfg_for("train.max_steps=12"), resume=True)
-    assert result["mlflow_run_id"] == first_run and result["steps"] == 12
-    resumed = _metric_history(mlflow_store, first_run, "resumed_from_step")
-    assert resumed and resumed[-1][1] >= killed_at
+    # The resumed run loses a worker too (SIGKILL, found by its pid object on S3) after a further checkpoint:
+    # Ray Train restarts the group from the latest checkpoint it registered on S3.
+    pid_file = f"{out}/_workers/rank1.pid"
+    old_pid, killed = int(storage.read_text(pid_file)), {}
+
+    def kill_a_worker():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                pid = int(storage.read_text(pid_file))
+            except (FileNotFoundError, InputError, ValueError):
+                pid = old_pid
+            step = _registered_step(out)
+            if pid != old_pid and step >= killed_at + 2:
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid, step=step)
+                return
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=kill_a_worker, daemon=True)
+    thread.start()
+    result = train_clip(s3_shards, out, cfg_for("train.max_steps=16", "train.max_failures=2"), resume=True)
+    thread.join(timeout=5)
+    assert killed, "the resumed run's worker was never killed"
+    assert int(storage.read_text(pid_file)) != killed["pid"]  # a new worker took over
+    assert result["mlflow_run_id"] == first_run and result["steps"] == 16
+    resumed = [v for _, v in _metric_history(mlflow_store, first_run, "resumed_from_step")]
+    assert len(resumed) >= 2 and resumed[0] >= killed_at and resumed[-1] >= killed["step"], (resumed, killed)
     steps = [s for s, _ in _metric_history(mlflow_store, first_run, "loss")]
-    assert steps[-1] == 12 and steps.count(12) == 1
+    assert steps[-1] == 16 and steps.count(16) == 1
 
     # Everything is in the bucket: the run's files, each rank's ZeRO-3 shard of the final checkpoint, the export.
     keys = s3.keys(out)
@@ -128,7 +154,7 @@ def test_killed_s3_run_resumes_from_s3_and_exports_there(s3, s3_shards, ray_loca
     assert {"export/open_clip_model.safetensors", "export/open_clip_config.json"} <= names
     assert result["export"] == f"{out}/export"
     final = result["checkpoint"]
-    assert final.startswith(f"{out}/ray/") and final.endswith("step_00000012"), final
+    assert final.startswith(f"{out}/ray/") and final.endswith("step_00000016"), final
     ckpt = final[len(out) + 1 :]
     for rank in (0, 1):
         assert any(n.startswith(f"{ckpt}/state/") and f"rank_{rank}_" in n for n in names), (rank, sorted(names))
@@ -207,3 +233,55 @@ def test_cli_refuses_a_missing_output_bucket_with_exit_2(s3, s3_shards):
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert "vlm-no-such-bucket-for-training" in lines[0] and "does not exist" in lines[0], lines
+
+
+def test_flamingo_takes_its_vision_checkpoint_and_pretrained_lm_from_s3(s3, s3_shards, tmp_path):
+    """A CLIP export in a bucket is Flamingo's vision_checkpoint; with an s3:// output the caption-pretrained LM
+    is uploaded there (marker last) and the model builds from those URLs, as workers do (no Ray needed)."""
+    import open_clip
+
+    from pipelines.train_flamingo import TrainFlamingoConfig, check_vision_checkpoint, model_config, pretrain_lm
+    from vlm.data.flamingo_data import flamingo_tokenizer
+    from vlm.models.clip.build import export_clip
+    from vlm.models.clip.build import model_config as clip_model_config
+    from vlm.models.flamingo import build_flamingo
+    from vlm.models.flamingo.text_lm import is_done
+
+    bucket = s3.bucket()
+    clip_cfg = clip_model_config("vlm-clip-tiny")
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(**clip_cfg)
+    export_clip(clip.state_dict(), clip_cfg, tmp_path / "clip", "vlm-clip-tiny")
+    storage.copy_dir(tmp_path / "clip", f"{bucket}/clip-export")
+    overrides = ["lm_pretrain.steps=2", "lm_pretrain.seq_len=64", "lm_pretrain.max_captions=32"]
+    cfg = load_config(TrainFlamingoConfig, None, [f"vision_checkpoint={bucket}/clip-export", *overrides])
+    mcfg = model_config(cfg)
+    assert mcfg.vision_checkpoint == f"{bucket}/clip-export/open_clip_model.safetensors"
+    assert mcfg.vision_model == clip_cfg
+    check_vision_checkpoint(mcfg)
+
+    out = f"{bucket}/runs/flamingo"
+    mcfg, metrics = pretrain_lm([s3_shards + "/00000.tar"], out, cfg, mcfg)
+    assert mcfg.lm_name_or_path == f"{out}/lm" and is_done(mcfg.lm_name_or_path)
+    assert metrics["lm_pretrain_captions"] == 32
+    names = {k.rsplit("/lm/", 1)[1] for k in s3.keys(f"{out}/lm")}
+    assert {"_SUCCESS", "config.json", "model.safetensors"} <= names, names
+    model, _ = build_flamingo(mcfg)
+    assert flamingo_tokenizer(mcfg.lm_name_or_path).convert_tokens_to_ids("<image>") == model.media_token_id
+    visual = {k.removeprefix("visual."): v for k, v in clip.state_dict().items() if k.startswith("visual.")}
+    for name, value in model.vision_encoder.state_dict().items():
+        torch.testing.assert_close(value, visual[name])
+
+
+def test_blip_export_in_a_bucket_loads_as_pretrained(s3, tmp_path):
+    """A BLIP export uploaded to S3 loads as `pretrained` (what CapFilt and a fine-tuning run start from)."""
+    from vlm.models.blip.build import build_captioner, export_pretrained
+    from vlm.models.blip.config import BlipConfig
+
+    model, processor = build_captioner(BlipConfig(preset="small"))
+    export_pretrained(model, processor, tmp_path / "captioner")
+    url = s3.bucket() + "/blip/captioner"
+    storage.copy_dir(tmp_path / "captioner", url)
+    loaded, _ = build_captioner(BlipConfig(pretrained=url))
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
