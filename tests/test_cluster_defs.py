@@ -3,7 +3,9 @@
 The launcher YAML goes through `prepare_config` + `validate_config` (what `ray up` runs before it
 talks to the cloud); the KubeRay RayCluster (and the RayJob's cluster) through the Ray
 autoscaler's own translation of a RayCluster CR, which validates its result the same way.
-No cloud credentials, Kubernetes or network needed.
+No cloud credentials, Kubernetes or network needed. The object-storage variants (`*-s3.yaml`: no
+shared volume, the AWS variables wired, an MLflow server whose artifacts go to S3) pass the same
+checks and are compared with the shared-storage definitions key by key.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ RAYCLUSTER = KUBERAY / "raycluster.yaml"
 RAYJOB = KUBERAY / "rayjob.yaml"
 RUNTIME_ENV = KUBERAY / "runtime-env.yaml"
 STORAGE = KUBERAY / "shared-storage.yaml"
+LAUNCHER_S3 = CLUSTER / "ray-cluster-s3.yaml"
+RAYCLUSTER_S3 = KUBERAY / "raycluster-s3.yaml"
+RAYJOB_S3 = KUBERAY / "rayjob-s3.yaml"
+MLFLOW_S3 = KUBERAY / "mlflow-s3.yaml"
+LAUNCHERS = [LAUNCHER, LAUNCHER_S3]
+AWS_SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")  # from a Secret, optional
 
 SHARED_MOUNT = "/mnt/shared"
 POOLS = {"cpu_pool": "CPU", "gpu_pool": "GPU"}  # custom resource -> the resource it counts
@@ -56,8 +64,17 @@ def _pinned(package: str) -> str:
 
 
 def _cluster_specs() -> dict[str, dict]:
-    """RayCluster specs to check: the long-lived cluster and the RayJob's cluster."""
-    return {"raycluster": _load(RAYCLUSTER)["spec"], "rayjob": _load(RAYJOB)["spec"]["rayClusterSpec"]}
+    """RayCluster specs to check: the long-lived cluster and the RayJob's cluster, each on shared
+    storage and on object storage."""
+    return {
+        "raycluster": _load(RAYCLUSTER)["spec"],
+        "rayjob": _load(RAYJOB)["spec"]["rayClusterSpec"],
+        "raycluster-s3": _load(RAYCLUSTER_S3)["spec"],
+        "rayjob-s3": _load(RAYJOB_S3)["spec"]["rayClusterSpec"],
+    }
+
+
+ALL_SPECS = ["raycluster", "rayjob", "raycluster-s3", "rayjob-s3"]
 
 
 def _groups(spec: dict) -> list[dict]:
@@ -83,8 +100,8 @@ def _runtime_env_fields() -> set[str]:
     return set(RuntimeEnv.known_fields)
 
 
-def _runtime_env_of_job() -> dict:
-    return yaml.safe_load(_load(RAYJOB)["spec"]["runtimeEnvYAML"])
+def _runtime_env_of_job(path: Path = RAYJOB) -> dict:
+    return yaml.safe_load(_load(path)["spec"]["runtimeEnvYAML"])
 
 
 def _vlm_commands(text: str) -> list[list[str]]:
@@ -129,6 +146,7 @@ def test_cluster_yamls_parse():
     """Every YAML file under cluster/ parses into mappings with content."""
     paths = sorted(CLUSTER.rglob("*.yaml"))
     assert {LAUNCHER, RAYCLUSTER, RAYJOB, RUNTIME_ENV, STORAGE} <= set(paths)
+    assert {LAUNCHER_S3, RAYCLUSTER_S3, RAYJOB_S3, MLFLOW_S3} <= set(paths)
     for path in paths:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         assert docs and all(isinstance(d, dict) and d for d in docs), path
@@ -138,11 +156,12 @@ def test_cluster_yamls_parse():
 # cluster launcher
 
 
-def test_launcher_passes_ray_validation():
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_passes_ray_validation(path):
     """The launcher YAML passes Ray's prepare_config + validate_config, as `ray up` runs them."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    config = _load(LAUNCHER)
+    config = _load(path)
     prepared = prepare_config(config)
     validate_config(prepared)
     assert prepared["provider"]["type"] == config["provider"]["type"] == "aws"
@@ -160,9 +179,10 @@ def test_launcher_validation_rejects_a_misspelled_field():
         validate_config(prepare_config(config))
 
 
-def test_launcher_pools_and_bounds():
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_pools_and_bounds(path):
     """Head takes no work; CPU and GPU pools scale from 0 within bounds and carry their pool resource."""
-    config = _load(LAUNCHER)
+    config = _load(path)
     types = config["available_node_types"]
     assert config["head_node_type"] == "head"
     assert types["head"]["resources"].get("CPU") == 0
@@ -180,9 +200,10 @@ def test_launcher_pools_and_bounds():
     assert config["idle_timeout_minutes"] > 0
 
 
-def test_launcher_images_match_installed_ray():
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_images_match_installed_ray(path):
     """The launcher's Docker images carry the installed Ray's major.minor; the GPU pool gets the -gpu image."""
-    config = _load(LAUNCHER)
+    config = _load(path)
     docker = config["docker"]
     images = {docker["image"]} | {
         t["docker"]["worker_image"]
@@ -195,9 +216,10 @@ def test_launcher_images_match_installed_ray():
     assert not docker["image"].endswith("-gpu")
 
 
-def test_launcher_installs_the_project():
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_installs_the_project(path):
     """Setup syncs the working tree and installs the README's torch pin, then the project, editable."""
-    config = _load(LAUNCHER)
+    config = _load(path)
     remote = next(r for r, local in config["file_mounts"].items() if local == ".")
     assert (ROOT / "pyproject.toml").is_file()  # "." is the repository root `ray up` runs from
     cmds = config["setup_commands"]
@@ -228,11 +250,48 @@ def test_launcher_start_commands_and_environment():
     assert "~/.ray/auth_token" in config["cluster_synced_files"]
 
 
+def _without_storage(config: dict) -> dict:
+    """A launcher config less what the storage choice changes: name, shared mount, AWS env, instance profiles."""
+    config = copy.deepcopy(config)
+    del config["cluster_name"], config["initialization_commands"]
+    config["docker"]["run_options"] = [
+        o for o in config["docker"]["run_options"] if not o.startswith(("--volume", "--env AWS_"))
+    ]
+    for node in config["available_node_types"].values():
+        node["node_config"].pop("IamInstanceProfile", None)
+    return config
+
+
+def test_launcher_s3_has_no_shared_filesystem():
+    """The object-storage launcher mounts nothing shared, passes the AWS region, gives workers an instance profile."""
+    config = _load(LAUNCHER_S3)
+    assert config["initialization_commands"] == []
+    data = yaml.safe_dump(config)  # the values, not the comments
+    assert SHARED_MOUNT not in data and "nfs" not in data.lower() and "efs" not in data.lower()
+    run_options = config["docker"]["run_options"]
+    assert not [o for o in run_options if o.startswith(("--volume", "--mount", "-v "))]
+    assert re.search(r"--env AWS_REGION=[a-z]+-[a-z]+-\d", " ".join(run_options))
+    assert re.search(r"--env MLFLOW_TRACKING_URI=http\S+", " ".join(run_options))
+    for name in LAUNCHER_GROUP.values():
+        profile = config["available_node_types"][name]["node_config"]["IamInstanceProfile"]
+        assert profile.get("Name") or profile.get("Arn"), name
+    assert config["cluster_name"] != _load(LAUNCHER)["cluster_name"]  # both can run side by side
+
+
+def test_launcher_s3_is_the_shared_launcher_otherwise():
+    """Besides storage, the object-storage launcher equals the shared one: pools, images, setup, start commands."""
+    assert _without_storage(_load(LAUNCHER_S3)) == _without_storage(_load(LAUNCHER))
+
+
 # ---------------------------------------------------------------------------------------------
 # KubeRay
 
 
-@pytest.mark.parametrize("path,kind", [(RAYCLUSTER, "RayCluster"), (RAYJOB, "RayJob")])
+@pytest.mark.parametrize(
+    "path,kind",
+    [(RAYCLUSTER, "RayCluster"), (RAYJOB, "RayJob"), (RAYCLUSTER_S3, "RayCluster"), (RAYJOB_S3, "RayJob")],
+    ids=lambda x: x.name if isinstance(x, Path) else x,
+)
 def test_kuberay_manifest_header(path, kind):
     """Both manifests are ray.io/v1 objects of their kind, with a name."""
     doc = _load(path)
@@ -241,7 +300,7 @@ def test_kuberay_manifest_header(path, kind):
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
 
 
-@pytest.mark.parametrize("which", ["raycluster", "rayjob"])
+@pytest.mark.parametrize("which", ALL_SPECS)
 def test_kuberay_required_fields(which):
     """Head and worker groups have the fields KubeRay requires, with replicas within bounds."""
     spec = _cluster_specs()[which]
@@ -262,7 +321,7 @@ def test_kuberay_required_fields(which):
         assert "cpu" in limits and "memory" in limits, container["name"]
 
 
-@pytest.mark.parametrize("which", ["raycluster", "rayjob"])
+@pytest.mark.parametrize("which", ALL_SPECS)
 def test_kuberay_passes_ray_autoscaler_translation(which):
     """Ray's KubeRay autoscaler reads the cluster: head CPU 0, one pool unit per CPU / GPU."""
     config = _derive_autoscaling_config(_cluster_specs()[which], name="vlm")
@@ -274,7 +333,7 @@ def test_kuberay_passes_ray_autoscaler_translation(which):
     assert "GPU" not in types["cpu-pool"]["resources"]
 
 
-@pytest.mark.parametrize("which", ["raycluster", "rayjob"])
+@pytest.mark.parametrize("which", ALL_SPECS)
 def test_kuberay_images_match_installed_ray(which):
     """Every Ray container image and rayVersion match the installed Ray's major.minor; the GPU group runs -gpu."""
     spec = _cluster_specs()[which]
@@ -286,7 +345,7 @@ def test_kuberay_images_match_installed_ray(which):
     assert gpu["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
 
 
-@pytest.mark.parametrize("which", ["raycluster", "rayjob"])
+@pytest.mark.parametrize("which", ALL_SPECS)
 def test_kuberay_gpu_group_requests_gpus(which):
     """The GPU group requests nvidia.com/gpu (limits = requests); no other group does."""
     for group in _cluster_specs()[which]["workerGroupSpecs"]:
@@ -317,16 +376,113 @@ def test_kuberay_token_auth_mlflow_and_shared_storage(which):
             assert claims.get(mounts.get(SHARED_MOUNT)) == pvc["metadata"]["name"], container["name"]
 
 
-def test_rayjob_fields():
+@pytest.mark.parametrize("job,cluster", [(RAYJOB, RAYCLUSTER), (RAYJOB_S3, RAYCLUSTER_S3)], ids=["shared", "s3"])
+def test_rayjob_fields(job, cluster):
     """The RayJob has an entrypoint, a cluster of the RayCluster's shape, and cleans up after itself."""
-    spec = _load(RAYJOB)["spec"]
+    spec = _load(job)["spec"]
     assert spec["entrypoint"].strip()
     assert "rayClusterSpec" in spec or "clusterSelector" in spec
-    assert spec["rayClusterSpec"] == _load(RAYCLUSTER)["spec"], (
-        "rayjob.yaml's rayClusterSpec drifted from raycluster.yaml"
-    )
+    assert spec["rayClusterSpec"] == _load(cluster)["spec"], f"{job.name}'s rayClusterSpec drifted from {cluster.name}"
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("which", ["raycluster-s3", "rayjob-s3"])
+def test_kuberay_s3_has_no_shared_volume_and_the_aws_env(which):
+    """No PVC, hostPath or NFS volume in any pod; every Ray container has MLflow, the AWS region and the
+    credentials / endpoint from one Secret, each key optional (an IAM role works without it)."""
+    spec = _cluster_specs()[which]
+    assert spec["authOptions"]["mode"] == "token"
+    secrets = set()
+    for group in _groups(spec):
+        pod = group["template"]["spec"]
+        assert all(set(v) == {"name", "emptyDir"} for v in pod.get("volumes", [])), pod["volumes"]
+        for container in pod["containers"]:
+            assert SHARED_MOUNT not in {m["mountPath"] for m in container.get("volumeMounts", [])}
+            env = _env(container)
+            assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http"), container["name"]
+            assert re.fullmatch(r"[a-z]+-[a-z]+-\d", env["AWS_REGION"]["value"]), container["name"]
+            for var in AWS_SECRET_VARS:
+                ref = env[var]["valueFrom"]["secretKeyRef"]
+                assert ref["key"] == var and ref["optional"] is True, (container["name"], var)
+                secrets.add(ref["name"])
+    assert len(secrets) == 1, secrets
+
+
+def _kuberay_without_storage(spec: dict) -> dict:
+    """A RayCluster spec less what the storage choice changes: the shared volume, its mounts, the AWS env."""
+    spec = copy.deepcopy(spec)
+    for group in _groups(spec):
+        pod = group["template"]["spec"]
+        shared = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        pod["volumes"] = [v for v in pod["volumes"] if v["name"] not in shared]
+        for container in pod["containers"]:
+            container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] not in shared]
+            container["env"] = [e for e in container["env"] if not e["name"].startswith("AWS_")]
+    return spec
+
+
+def test_kuberay_s3_is_the_shared_cluster_otherwise():
+    """Besides storage, raycluster-s3.yaml equals raycluster.yaml: groups, images, resources, start params."""
+    assert _kuberay_without_storage(_load(RAYCLUSTER_S3)["spec"]) == _kuberay_without_storage(_load(RAYCLUSTER)["spec"])
+
+
+def _paths(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, word in enumerate(argv[:-1]) if word in ("--input", "--output", "--data")]
+
+
+def test_rayjob_s3_runs_the_shared_pipeline_on_a_bucket():
+    """The object-storage RayJob runs the shared RayJob's commands with every input and output an s3:// URL."""
+    shared = _vlm_commands(_load(RAYJOB)["spec"]["entrypoint"])
+    on_s3 = _vlm_commands(_load(RAYJOB_S3)["spec"]["entrypoint"])
+    paths = [p for argv in on_s3 for p in _paths(argv)]
+    assert len(paths) == 4 and all(p.startswith("s3://") for p in paths), paths
+    assert SHARED_MOUNT not in _load(RAYJOB_S3)["spec"]["entrypoint"]
+    strip = lambda argv: [w for w in argv if w not in _paths(argv)]
+    assert [strip(c) for c in on_s3] == [strip(c) for c in shared]
+    assert _runtime_env_of_job(RAYJOB_S3) == _runtime_env_of_job(RAYJOB)
+
+
+def test_mlflow_server_manifest_proxies_artifacts_to_s3():
+    """mlflow-s3.yaml: a tracking server at the manifests' MLFLOW_TRACKING_URI, artifacts to s3://, the
+    installed MLflow's version, a Host check (MLflow's own) that admits that address, the AWS env."""
+    from urllib.parse import urlparse
+
+    import mlflow
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all(MLFLOW_S3.read_text())}
+    deployment, service = docs["Deployment"], docs["Service"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    script = " ".join(container["args"])
+    env = _env(container)
+    assert "mlflow server" in script and '--artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION"' in script
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["key"]
+    for var in AWS_SECRET_VARS:
+        assert env[var]["valueFrom"]["secretKeyRef"]["optional"] is True, var
+    assert "boto3" in script  # the S3 artifact store needs it; the stock image lacks it
+    tag = container["image"].rsplit(":v", 1)[1]
+    assert tag.split(".")[:2] == mlflow.__version__.split(".")[:2], container["image"]
+    # the address every Ray container uses
+    uris = {_env(c)["MLFLOW_TRACKING_URI"]["value"] for c in _containers(_load(RAYCLUSTER_S3)["spec"])}
+    uris.add(_runtime_env_of_job(RAYJOB_S3)["env_vars"]["MLFLOW_TRACKING_URI"])
+    (uri,) = uris
+    url = urlparse(uri)
+    meta = service["metadata"]
+    assert url.hostname == f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    assert meta["namespace"] == deployment["metadata"]["namespace"]
+    port = service["spec"]["ports"][0]
+    assert url.port == port["port"] and "--port 5000" in script and port["targetPort"] == "http"
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    allowed = re.search(r"--allowed-hosts '([^']+)'", script).group(1).split(",")
+    assert is_allowed_host_header(allowed, url.netloc)
+    assert not is_allowed_host_header(allowed, "attacker.example:5000")
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
 def test_rayjob_runtime_env():
@@ -377,6 +533,7 @@ def test_documented_vlm_commands_parse():
     """The `vlm` commands of the RayJob and the cluster guide parse with the real CLI and config schema."""
     commands = _vlm_commands(_load(RAYJOB)["spec"]["entrypoint"])
     assert [c[:2] for c in commands] == [["ingest", "--input"], ["train", "clip"]]
+    commands += _vlm_commands(_load(RAYJOB_S3)["spec"]["entrypoint"])
     readme = (CLUSTER / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
     commands += [c for block in blocks for c in _vlm_commands(block)]
