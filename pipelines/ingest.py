@@ -9,6 +9,10 @@ The shard-stage driver (`pipelines.shard_stage`) runs it; this module supplies:
 3. Reporting: counts by status, success rate, bytes, a contact sheet.
 A rerun skips complete shards and redoes incomplete ones; `--retry-failed` redoes only the
 samples whose failure was retryable (timeouts, resets, 5xx, 429), keeping everything else.
+
+Inputs and output may be local paths or object-store URLs (`s3://bucket/laion/part-*.parquet`
+-> `s3://bucket/laion-256`): URL lists, the plan's shard inputs and the shards themselves are
+read and written through `vlm.storage`, so no node needs a shared directory.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import shard_stage
+from vlm import storage
 from vlm.config import to_dict
 from vlm.data import download as dl
 from vlm.data import shards as sh
@@ -81,7 +86,9 @@ def _url_digest(url: str) -> int:
     return int.from_bytes(hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-def _write_shard_input(work: Path, shard: int, rows: list[dict]) -> None:
+def _write_shard_input(work: Path | str, shard: int, rows: list[dict]) -> None:
+    import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -95,16 +102,15 @@ def _write_shard_input(work: Path, shard: int, rows: list[dict]) -> None:
             "extra": [json.dumps(r["extra"], default=str) for r in rows],
         }
     )
-    path = work / f"{sh.shard_name(shard)}.parquet"
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    sh.atomic_write_bytes(sh.at(work, f"{sh.shard_name(shard)}.parquet"), sink.getvalue())
 
 
-def cut_inputs(plan_dir: Path, paths: list[Path], cfg: IngestConfig) -> dict:
+def cut_inputs(plan_dir: Path | str, paths: list[Path | str], cfg: IngestConfig) -> dict:
     """Cut the input rows into shard input files under `plan_dir`, marking duplicate URLs."""
-    work = plan_dir / INPUTS_DIR
-    work.mkdir(parents=True, exist_ok=True)
+    work = sh.at(plan_dir, INPUTS_DIR)
+    storage.makedirs(work)
     per_shard = cfg.output.samples_per_shard
     seen: set[int] = set()
     buf: list[dict] = []
@@ -150,11 +156,9 @@ def cut_inputs(plan_dir: Path, paths: list[Path], cfg: IngestConfig) -> dict:
     }
 
 
-def read_shard_input(out: Path, shard: int) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    path = out / shard_stage.PLAN_DIR / INPUTS_DIR / f"{sh.shard_name(shard)}.parquet"
-    rows = pq.read_table(path).to_pylist()
+def read_shard_input(out: Path | str, shard: int) -> list[dict]:
+    path = sh.at(sh.at(sh.at(out, shard_stage.PLAN_DIR), INPUTS_DIR), f"{sh.shard_name(shard)}.parquet")
+    rows = sh.read_parquet(path).to_pylist()
     for row in rows:
         row["extra"] = json.loads(row["extra"])
     return rows
@@ -163,11 +167,9 @@ def read_shard_input(out: Path, shard: int) -> list[dict]:
 # ----------------------------------------------------------------------------- per shard (Ray worker)
 
 
-def _retry_reuse(out: Path, shard: int) -> dict:
+def _retry_reuse(out: Path | str, shard: int) -> dict:
     """Samples of a complete shard to keep as they are: all but the retryable failures."""
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(sh.parquet_path(out, shard)).to_pylist()
+    rows = sh.read_parquet(sh.parquet_path(out, shard)).to_pylist()
     files = sh.read_tar_samples(sh.tar_path(out, shard))
     return {
         r["key"]: (r, files.get(r["key"], {}))
@@ -176,22 +178,20 @@ def _retry_reuse(out: Path, shard: int) -> dict:
     }
 
 
-def shard_has_retryable(out: Path, shard: int) -> bool:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(sh.parquet_path(out, shard), columns=["status", "retryable"])
+def shard_has_retryable(out: Path | str, shard: int) -> bool:
+    table = sh.read_parquet(sh.parquet_path(out, shard), columns=["status", "retryable"])
     return any(
         s == dl.FAILED_TO_DOWNLOAD and r for s, r in zip(table["status"].to_pylist(), table["retryable"].to_pylist())
     )
 
 
-def run_shard(out: Path, shard: int, cfg: IngestConfig, retry: bool) -> dict:
+def run_shard(out: Path | str, shard: int, cfg: IngestConfig, retry: bool) -> dict:
     """Process one shard end to end (callable without Ray); returns its stats."""
     items = read_shard_input(out, shard)
     reuse = None
     if retry and sh.is_complete(out, shard):
         reuse = _retry_reuse(out, shard)
-        sh.stats_path(out, shard).unlink()  # incomplete from here until republished
+        storage.delete(sh.stats_path(out, shard))  # incomplete from here until republished
     elif not sh.is_complete(out, shard):
         sh.remove_shard(out, shard)  # leftovers of an interrupted run
     from vlm.data.shard_download import download_shard
@@ -222,7 +222,7 @@ class IngestStage(shard_stage.ShardStage):
     def content_hash(self) -> str:
         return content_hash(self.cfg)
 
-    def plan(self, plan_dir: Path, show_progress: bool) -> dict:
+    def plan(self, plan_dir: Path | str, show_progress: bool) -> dict:
         return cut_inputs(plan_dir, self.paths, self.cfg)
 
     def process_shard(self, shard: int, retry: bool = False) -> dict:
@@ -296,7 +296,7 @@ def summary_table(manifest: dict) -> str:
     return shard_stage.summary_table(IngestStage, manifest)
 
 
-def _contact_sheet(out: Path, shards: list[int], limit: int):
+def _contact_sheet(out: Path | str, shards: list[int], limit: int):
     import io
 
     from PIL import Image

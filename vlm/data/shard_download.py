@@ -52,7 +52,7 @@ def _carry(row: dict, extra: dict) -> dict:
 
 
 def download_shard(
-    out: Path,
+    out: Path | str,
     shard: int,
     items: list[dict],
     dl_cfg: dl.DownloadConfig,
@@ -63,7 +63,8 @@ def download_shard(
     progress: ProgressFn | None = None,
     progress_interval_s: float = 0.5,
 ) -> dict:
-    """Fetch every item of one shard and publish the shard (tar, parquet, stats last).
+    """Fetch every item of one shard and publish the shard (tar, parquet, stats last) under `out`,
+    a local directory or a URL (`ShardWriter` spools the tar locally and uploads it whole).
 
     Args:
         items: planned rows, `{key, url, caption, extra, status}`; `status` is preset for rows

@@ -7,20 +7,27 @@ Web-scraped lists carry the odd row that is not UTF-8 (one 0xff byte in a captio
 is skipped, counted and reported with its line number; only a file where more than
 `input.max_bad_row_fraction` of the rows are bad is refused. Captions longer than
 `input.max_caption_chars` are cut there and flagged in a `caption_truncated` column.
+
+Inputs are local paths or object-store URLs (`s3://bucket/laion/part-*.parquet`): a URL is read
+through `vlm.storage` (the same pyarrow filesystem, streamed), so nothing needs a shared or local
+copy. Local inputs are carried as `Path`, URLs as their normalized `str`.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vlm import storage
 from vlm.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -71,13 +78,20 @@ class _FileRows:
             self.bad_lines.append(line)
 
 
-def expand_inputs(spec: str | list[str]) -> list[Path]:
-    """Paths from a file, a directory (all known formats in it), a glob, or a list of those."""
+def expand_inputs(spec: str | list[str]) -> list[Path | str]:
+    """Paths from a file, a directory (all known formats in it), a glob, or a list of those;
+    each a local path or a URL (`s3://b/lists/part-*.parquet`, `s3://b/lists/`).
+
+    Raises:
+        InputError: nothing matches, or a URL's bucket or endpoint is not there (one line, naming it).
+    """
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    paths: list[Path] = []
+    paths: list[Path | str] = []
     for item in specs:
         item = str(item)
-        if any(ch in item for ch in "*?["):
+        if storage.is_url(item):
+            paths.extend(_expand_url(item))
+        elif any(ch in item for ch in "*?["):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise InputError(f"no input files match {item}")
@@ -96,8 +110,35 @@ def expand_inputs(spec: str | list[str]) -> list[Path]:
     return paths
 
 
-def _suffix_format(path: Path) -> str | None:
-    name = path.name.lower()
+def _expand_url(item: str) -> list[str]:
+    """A URL input: one object, a glob in its last component, or a prefix holding list files."""
+    url = storage.normalize(item)
+    if any(ch in url for ch in "*?["):
+        matches = storage.expand(url)
+        if not matches:
+            _check_bucket(url)
+            raise InputError(f"no input files match {url}")
+        return matches
+    if storage.is_file(url):
+        return [url]
+    if storage.is_dir(url):
+        found = [p for p in storage.glob(url, "*") if _suffix_format(p) is not None and storage.is_file(p)]
+        if not found:
+            raise InputError(f"input directory {url} holds no {'/'.join(FORMATS)} files")
+        return found
+    _check_bucket(url)
+    raise InputError(f"input file not found: {url}")
+
+
+def _check_bucket(url: str) -> None:
+    """Name a missing bucket as such (a missing object in it reads the same as one without it)."""
+    bucket = f"{storage.scheme(url)}://{storage.fs_path(url).split('/', 1)[0]}"
+    if bucket != url and not storage.exists(bucket):
+        raise InputError(f"input {url}: bucket {bucket.split('://', 1)[1]} does not exist")
+
+
+def _suffix_format(path: Path | str) -> str | None:
+    name = storage.basename(path).lower()
     for suffix, fmt in (
         (".parquet", "parquet"),
         (".csv", "csv"),
@@ -111,7 +152,7 @@ def _suffix_format(path: Path) -> str | None:
     return None
 
 
-def input_format(path: Path, cfg: InputConfig) -> str:
+def input_format(path: Path | str, cfg: InputConfig) -> str:
     if cfg.format != "auto":
         return cfg.format
     fmt = _suffix_format(path)
@@ -120,13 +161,27 @@ def input_format(path: Path, cfg: InputConfig) -> str:
     return fmt
 
 
-def file_digest(path: Path) -> dict:
-    """Identity of an input file: resolved path, size and the sha256 of its content."""
+def file_digest(path: Path | str) -> dict:
+    """Identity of an input file: resolved path (or URL), size and the sha256 of its content
+    (a URL's bytes streamed through `vlm.storage`: the same digest as a local copy)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
+    if storage.is_url(path):
+        return {"path": storage.normalize(path), "size": storage.size(path), "sha256": digest.hexdigest()}
     return {"path": str(Path(path).resolve()), "size": os.stat(path).st_size, "sha256": digest.hexdigest()}
+
+
+@contextmanager
+def _open(path: Path | str) -> Iterator:
+    """A buffered binary reader of a local file or URL (`readline`, iteration, `read`)."""
+    if not storage.is_url(path):
+        with open(path, "rb") as f:
+            yield f
+        return
+    with storage.open_input(path) as raw:
+        yield io.BufferedReader(raw, buffer_size=1 << 22)
 
 
 class RowReader(Iterator[list[dict]]):
@@ -138,11 +193,11 @@ class RowReader(Iterator[list[dict]]):
     share of bad rows exceeds `max_bad_row_fraction`.
     """
 
-    def __init__(self, paths: list[Path], cfg: InputConfig):
+    def __init__(self, paths: list[Path | str], cfg: InputConfig):
         self.paths = list(paths)
         self.cfg = cfg
         self.skipped_rows = 0
-        self.skipped_lines: list[tuple[Path, int]] = []
+        self.skipped_lines: list[tuple[Path | str, int]] = []
         self.truncated_captions = 0
         self._batches = self._read()
 
@@ -164,7 +219,7 @@ class RowReader(Iterator[list[dict]]):
                 yield rows
             self._file_done(path, seen)
 
-    def _file_done(self, path: Path, seen: _FileRows) -> None:
+    def _file_done(self, path: Path | str, seen: _FileRows) -> None:
         if not seen.bad:
             return
         self.skipped_rows += seen.bad
@@ -181,12 +236,12 @@ class RowReader(Iterator[list[dict]]):
         log.warning("%s: skipped %s", path, what)
 
 
-def iter_rows(paths: list[Path], cfg: InputConfig) -> RowReader:
+def iter_rows(paths: list[Path | str], cfg: InputConfig) -> RowReader:
     """Yield batches of rows {url, caption, extra: {...}} from all input files, in order."""
     return RowReader(paths, cfg)
 
 
-def check_inputs(paths: list[Path], cfg: InputConfig) -> None:
+def check_inputs(paths: list[Path | str], cfg: InputConfig) -> None:
     """Fail early (before any cluster work) on unreadable files or missing columns."""
     for path in paths:
         fmt = input_format(path, cfg)
@@ -195,7 +250,7 @@ def check_inputs(paths: list[Path], cfg: InputConfig) -> None:
             break
 
 
-def _check_columns(path: Path, batch: list[dict], cfg: InputConfig, fmt: str) -> None:
+def _check_columns(path: Path | str, batch: list[dict], cfg: InputConfig, fmt: str) -> None:
     if not batch:
         return
     columns = list(batch[0].keys())
@@ -224,19 +279,32 @@ def _row(record: dict, cfg: InputConfig) -> dict:
     return {"url": None if url is None else str(url).strip(), "caption": caption, "extra": extra}
 
 
-def _parquet(path: Path, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
+@contextmanager
+def _arrow_source(path: Path | str) -> Iterator:
+    """What pyarrow's readers open: a local path as is, a URL as a seekable file from storage."""
+    if not storage.is_url(path):
+        yield str(path)
+        return
+    with storage.open_input(path) as f:
+        yield f
+
+
+def _parquet(path: Path | str, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:
-        raise InputError(f"cannot read parquet {path}: {exc}") from None
-    for batch in pf.iter_batches(batch_size=cfg.batch_rows):
-        seen.rows += batch.num_rows
-        yield batch.to_pylist()
+    with _arrow_source(path) as src:
+        try:
+            pf = pq.ParquetFile(src)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"cannot read parquet {path}: {exc}") from None
+        for batch in pf.iter_batches(batch_size=cfg.batch_rows):
+            seen.rows += batch.num_rows
+            yield batch.to_pylist()
 
 
-def _csv(path: Path, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
+def _csv(path: Path | str, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -244,22 +312,25 @@ def _csv(path: Path, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[li
     # Every column as bytes, made strings here: type inference per block would give the same
     # column different types in different batches, URL lists carry ids that must not become
     # floats, and a string column would fail the whole read on one row's bad byte.
-    try:
-        names = cfg.column_names
-        header = names or pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter)).schema.names
-        reader = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(block_size=1 << 22, column_names=names),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in header}),
-        )
-    except Exception as exc:
-        raise InputError(f"cannot read {fmt} {path}: {str(exc).splitlines()[0]}") from None
-    line = 1 if names else 2  # the first data row's line
-    for batch in reader:
-        batch, line = _utf8_rows(batch, line, seen)
-        seen.rows += batch.num_rows
-        yield batch.to_pylist()
+    with _arrow_source(path) as head, _arrow_source(path) as src:
+        try:
+            names = cfg.column_names
+            header = names or pacsv.open_csv(head, parse_options=pacsv.ParseOptions(delimiter=delimiter)).schema.names
+            reader = pacsv.open_csv(
+                src,
+                read_options=pacsv.ReadOptions(block_size=1 << 22, column_names=names),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in header}),
+            )
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"cannot read {fmt} {path}: {str(exc).splitlines()[0]}") from None
+        line = 1 if names else 2  # the first data row's line
+        for batch in reader:
+            batch, line = _utf8_rows(batch, line, seen)
+            seen.rows += batch.num_rows
+            yield batch.to_pylist()
 
 
 def _utf8_rows(batch, line: int, seen: _FileRows):
@@ -295,9 +366,9 @@ def _utf8_rows(batch, line: int, seen: _FileRows):
     return strings, line + n + int(newlines.sum())
 
 
-def _text_lines(path: Path, seen: _FileRows) -> Iterator[tuple[int, str]]:
+def _text_lines(path: Path | str, seen: _FileRows) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 file, skipping (and noting) lines that are not UTF-8."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 yield lineno, raw.decode("utf-8")
@@ -305,7 +376,7 @@ def _text_lines(path: Path, seen: _FileRows) -> Iterator[tuple[int, str]]:
                 seen.skip(lineno)
 
 
-def _jsonl(path: Path, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
+def _jsonl(path: Path | str, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
     batch: list[dict] = []
     for lineno, line in _text_lines(path, seen):
         if not line.strip():
@@ -325,7 +396,7 @@ def _jsonl(path: Path, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[
         yield batch
 
 
-def _txt(path: Path, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
+def _txt(path: Path | str, cfg: InputConfig, fmt: str, seen: _FileRows) -> Iterator[list[dict]]:
     batch: list[dict] = []
     for _lineno, line in _text_lines(path, seen):
         url = line.strip()
