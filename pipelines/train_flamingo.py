@@ -54,7 +54,7 @@ class LMPretrainConfig:
 class TrainFlamingoConfig:
     model_preset: str = "tiny"  # a vlm.models.flamingo.config.FLAMINGO_PRESETS name
     # The frozen vision encoder: a `vlm train clip` export dir (its architecture is used) or an open_clip
-    # checkpoint file of the preset's vision architecture. None: random (tests only).
+    # checkpoint file of the preset's vision architecture; a path or URL (s3://...). None: random (tests only).
     vision_checkpoint: str | None = None
     # FlamingoConfig field overrides. max_num_media, unless given, is raised to what data and eval need.
     model: dict = field(default_factory=dict)

@@ -164,11 +164,9 @@ def _result(out: str, result, mlrun, skips) -> dict:
     eval_path = storage.join(out, "eval.json")
     evals = storage.read_json(eval_path) if storage.is_file(eval_path) else {}
     export = storage.join(out, "export")
-    if mlrun:
-        with storage.local_dir(export) as local:  # MLflow logs local files (a download of a URL export)
-            mlrun.log_artifact(local, "model")
-        with storage.local_file(storage.join(out, "config.yaml")) as local:
-            mlrun.log_artifact(local)
+    if mlrun:  # local paths or URLs (tracking downloads a URL's files first)
+        mlrun.log_artifact(export, "model")
+        mlrun.log_artifact(storage.join(out, "config.yaml"))
     return {
         "eval": evals,
         "mlflow_run_id": mlrun.run_id if mlrun else None,

@@ -144,6 +144,13 @@ def test_killed_s3_run_resumes_from_s3_and_exports_there(s3, s3_shards, ray_loca
     assert len(resumed) >= 2 and resumed[0] >= killed_at and resumed[-1] >= killed["step"], (resumed, killed)
     steps = [s for s, _ in _metric_history(mlflow_store, first_run, "loss")]
     assert steps[-1] == 16 and steps.count(16) == 1
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_store)  # the S3 export and config, logged as the local ones are
+    logged = {a.path for a in client.list_artifacts(first_run, "model/export")} | {
+        a.path for a in client.list_artifacts(first_run)
+    }
+    assert {"model/export/open_clip_model.safetensors", "config.yaml"} <= logged, logged
 
     # Everything is in the bucket: the run's files, each rank's ZeRO-3 shard of the final checkpoint, the export.
     keys = s3.keys(out)
@@ -285,3 +292,22 @@ def test_blip_export_in_a_bucket_loads_as_pretrained(s3, tmp_path):
     loaded, _ = build_captioner(BlipConfig(pretrained=url))
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_shard_discovery_on_s3(s3, s3_shards, tmp_path):
+    """A bucket prefix or glob lists its tars; a tar whose stats object is not there yet (a writer still
+    uploading, or killed) is left out; shards on two storages, or a prefix that is not there: one line."""
+    from pipelines.training import find_shards
+
+    complete = [f"{s3_shards}/00000.tar", f"{s3_shards}/00001.tar"]
+    assert find_shards(s3_shards) == complete
+    assert find_shards(f"{s3_shards}/0000[0].tar") == complete[:1]
+    url = s3.bucket() + "/shards"
+    storage.copy_dir(s3_shards, url)
+    storage.write_bytes(f"{url}/00002.tar", storage.read_bytes(complete[0]))  # no 00002_stats.json
+    assert find_shards(url) == [f"{url}/00000.tar", f"{url}/00001.tar"]
+    (tmp_path / "local.tar").write_bytes(b"")
+    with pytest.raises(InputError, match="mixes storage"):
+        find_shards(f"{url},{tmp_path}")
+    with pytest.raises(InputError, match="does not exist"):
+        find_shards(f"{url}-missing")
