@@ -135,7 +135,7 @@ class ShardDirStage(ShardStage):
         if sh.display(self.out) == sh.display(self.in_dir):
             raise InputError("--output must differ from --input")
         # Tar headers only: a truncated or foreign shard is one line naming it now, not a failed Ray task.
-        check_shards([str(sh.tar_path(self.in_dir, s)) for s in self.input_shards], 0, allow_empty=True)
+        check_shards([str(sh.tar_path(self.in_dir, s)) for s in self.input_shards], 0)
 
     def inputs(self) -> list[dict]:
         return [{"path": sh.display(self.in_dir), "digest": manifest_digest(self.in_dir)}]

@@ -89,7 +89,7 @@ def test_bad_s3_locations_are_one_line_before_ray(s3_raw, s3):
         clean(unfinished, f"{empty}/out", cfg, show_progress=False)
 
 
-def test_remote_shard_check_reads_two_blocks_and_the_stats(local_raw, s3):
+def test_remote_shard_check_reads_two_blocks_and_the_stats(local_raw, s3, tmp_path):
     url = s3.bucket()
     tar = sh.tar_path(local_raw, 0).read_bytes()
     storage.write_bytes(f"{url}/00000.tar", tar)
@@ -103,3 +103,8 @@ def test_remote_shard_check_reads_two_blocks_and_the_stats(local_raw, s3):
         check_shards([f"{url}/00002.tar"], 0)
     storage.write_bytes(f"{url}/00003.tar", tar)  # no stats beside it: read once and counted
     assert [c.samples for c in check_shards([f"{url}/00003.tar"], 20)] == [20]
+    # A shard whose downloads all failed: an empty archive, valid, 0 samples (local and remote alike).
+    empty = sh.ShardWriter(tmp_path, 4)
+    empty.close()
+    storage.copy_dir(tmp_path, f"{url}/empty")
+    assert [c.samples for c in check_shards([str(sh.tar_path(tmp_path, 4)), f"{url}/empty/00004.tar"], 0)] == [0, 0]

@@ -57,19 +57,18 @@ def _is_plain_head(head: bytes) -> bool:
     return not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"))
 
 
-def count_shard(path: str, allow_empty: bool = False) -> ShardCount:
-    """Samples of one shard; InputError (one line naming it) if it is unreadable, truncated or (unless
-    `allow_empty`: a data stage's input shard may hold no samples, all failed or filtered) holds none."""
+def count_shard(path: str) -> ShardCount:
+    """Samples of one shard; InputError (one line naming it) if it is unreadable, truncated, or holds
+    files but no samples (a tar of something else). An empty archive is a valid shard with 0 samples:
+    every download of it failed, or a filter dropped them all."""
     if storage.is_url(path):
         counted = _count_remote(path)
-        if counted is not None:
-            if counted.samples == 0 and not allow_empty:
-                raise InputError(f"shard {path} holds no WebDataset samples (its stats file counts 0 successes)")
+        if counted is not None:  # 0 successes: every download of the shard failed, a valid empty shard
             return counted
         import io
 
-        return _count_tar(path, io.BytesIO(storage.read_bytes(path)), allow_empty)
-    return _count_tar(path, None, allow_empty)
+        return _count_tar(path, io.BytesIO(storage.read_bytes(path)))
+    return _count_tar(path, None)
 
 
 def _count_remote(path: str) -> ShardCount | None:
@@ -101,7 +100,7 @@ def _count_remote(path: str) -> ShardCount | None:
         return None
 
 
-def _count_tar(path: str, fileobj, allow_empty: bool) -> ShardCount:
+def _count_tar(path: str, fileobj) -> ShardCount:
     size = os.path.getsize(path) if fileobj is None else len(fileobj.getbuffer())
     plain = _is_plain_tar(path) if fileobj is None else _is_plain_head(fileobj.getvalue()[:6])
     members: dict[str, set[str]] = {}
@@ -131,7 +130,7 @@ def _count_tar(path: str, fileobj, allow_empty: bool) -> ShardCount:
             last = f" after member {names[-1]}" if names else ""
             raise InputError(f"shard {path} is truncated: the archive ends{last} without its end-of-archive block")
     complete = sum(1 for exts in members.values() if exts & set(IMAGE_EXTS) and exts & set(CAPTION_EXTS))
-    if complete == 0 and not (allow_empty and not names):
+    if complete == 0 and names:  # an empty archive is a valid shard (all its downloads failed)
         found = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "no files"
         raise InputError(
             f"shard {path} holds no WebDataset samples with an image ({'/'.join(IMAGE_EXTS)}) and a caption "
@@ -140,12 +139,10 @@ def _count_tar(path: str, fileobj, allow_empty: bool) -> ShardCount:
     return ShardCount(path, complete, len(members) - complete)
 
 
-def check_shards(
-    shards: list[str], min_samples: int, what: str = "one global batch", *, allow_empty: bool = False
-) -> list[ShardCount]:
+def check_shards(shards: list[str], min_samples: int, what: str = "one global batch") -> list[ShardCount]:
     """Count every shard (`count_shard`, 8 at a time) and require `min_samples` samples in all of them."""
     with ThreadPoolExecutor(max_workers=min(8, len(shards) or 1)) as pool:
-        counts = list(pool.map(lambda path: count_shard(path, allow_empty), shards))
+        counts = list(pool.map(count_shard, shards))
     total = sum(c.samples for c in counts)
     if total < min_samples:
         where = f"shard {shards[0]} holds" if len(shards) == 1 else f"the {len(shards)} shards ({shards[0]}, ...) hold"
