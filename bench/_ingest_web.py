@@ -1,5 +1,6 @@
 """bench/ingest.py's local web: a server process (its own GIL) serving web-like images from a warm cache,
-its URL list, and the CPU-quiet wait a shared machine needs before timing.
+its URL list, the local S3 (moto's server) for the S3 row, and the CPU-quiet wait a shared machine needs
+before timing.
 
     python bench/_ingest_web.py --urls URLS.parquet --n 3000   # what `Server` starts: prints the base URL
 """
@@ -10,6 +11,7 @@ import argparse
 import concurrent.futures
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -88,6 +90,57 @@ class Server:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_fh.close()
+
+
+class S3Server:
+    """A local S3-compatible server (moto's server mode, its own process) on 127.0.0.1, and the standard
+    AWS variables a `vlm ingest` process needs to write to it, as it would to a user's bucket."""
+
+    def __init__(self, workdir: Path, timeout_s: float = 60):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._log_fh = open(workdir / "s3.log", "wb")
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start on {self.endpoint}; see {workdir}/s3.log") from None
+                time.sleep(0.2)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def bucket(self, name: str) -> str:
+        """Create bucket `name` (a PUT, as `aws s3 mb` does); returns its s3:// URL."""
+        req = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
+        urllib.request.urlopen(req, timeout=30).close()
+        return f"s3://{name}"
+
+    def cpu_s(self) -> float:
+        return Server.cpu_s(self)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -5,7 +5,10 @@ images of web-like sizes (256..1024 px, JPEG and PNG 3:1) from a warm in-memory 
 same URL list then goes through
 
 * img2dataset (Python API, multiprocessing distributor, webdataset output), and
-* `vlm ingest` (Ray Data, webdataset shards),
+* `vlm ingest` (Ray Data, webdataset shards) to local disk, and
+* `vlm ingest` to a local S3 (moto's server on 127.0.0.1, reached through the standard AWS
+  variables as a user's bucket would be): the `vlm-s3` row, whose img/s over the disk row's
+  is the cost of object storage (goal >= 0.9: uploads overlap downloads),
 
 with the same process count, shard size, resize settings and a generous number of concurrent
 downloads for both. Each tool runs as its own command; the wall time of the whole command is
@@ -14,7 +17,8 @@ to last shard end, from each tool's `*_stats.json`), vlm's own printed throughpu
 start-up), the CPU-seconds of each tool's whole process tree, and how much CPU other processes
 on the machine took meanwhile (so a run disturbed by someone else's job says so).
 
-    python bench/ingest.py                      # 3000 URLs, both tools, once
+    python bench/ingest.py                      # 3000 URLs, every tool, once
+    python bench/ingest.py --tools vlm,vlm-s3   # local disk vs the local S3 only
     python bench/ingest.py --n 300 --repeats 3  # a quick look, best and median of 3
     python bench/ingest.py --wait-quiet 600     # on a shared machine: wait for idle CPUs first
 
@@ -40,13 +44,14 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, machine_info, report
-from _ingest_web import SIZES, Server, read_urls, self_cpu_s, wait_quiet, warm
+from _ingest_web import SIZES, S3Server, Server, read_urls, self_cpu_s, wait_quiet, warm
 from _proc_tree import run_measured
 
 DEFAULT_JSON = RESULTS / "ingest.json"
-TOOLS = ("vlm", "img2dataset")
+TOOLS = ("vlm", "vlm-s3", "img2dataset")
 PACKAGES = ("pillow", "img2dataset", "ray", "aiohttp", "opencv-python-headless", "numpy", "pyarrow")
 TARGET_RATIO = 1.5
+TARGET_S3_RATIO = 0.9  # vlm-s3 / vlm (local disk), img/s
 
 
 # ----------------------------------------------------------------------------- tools
@@ -108,6 +113,8 @@ def warm_imports(tools: list[str]) -> None:
         "img2dataset": "import img2dataset",
     }
     for tool in tools:
+        if tool == "vlm-s3":
+            continue  # the same imports as vlm's
         subprocess.run([sys.executable, "-c", code[tool]], env=_base_env(), capture_output=True, check=False)
 
 
@@ -151,20 +158,38 @@ def vlm_overrides(args) -> list[str]:
 _THROUGHPUT = re.compile(r"throughput:\s*([0-9.]+)\s*images/s over\s*([0-9.]+)s")
 
 
-def run_vlm(args, urls: Path, out: Path, log: Path, workdir: Path, exclude: tuple[int, ...] = ()) -> dict:
+def run_vlm(
+    args,
+    urls: Path,
+    out: Path | str,
+    log: Path,
+    workdir: Path,
+    exclude: tuple[int, ...] = (),
+    s3: S3Server | None = None,
+) -> dict:
+    """One `vlm ingest` command to `out`: a local directory, or an s3:// URL on the local S3 `s3`."""
+    import pyarrow.fs as pafs
+
+    from vlm import storage
+
     env = _base_env()
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    if s3 is not None:
+        env.update(s3.env())
     cmd = [sys.executable, "-m", "pipelines.cli", "-q", "ingest", "--input", str(urls), "--output", str(out)]
     cmd += vlm_overrides(args)
     timing = run_measured(cmd, log, env, workdir, args.timeout, exclude)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = storage.read_json(storage.join(out, "manifest.json"))
     m = _THROUGHPUT.search(log.read_text(errors="replace"))
     # Shard span as for img2dataset: a shard ends when its stats file (written last) is
-    # written, and began `duration_s` earlier (measured by its writer).
+    # written, and began `duration_s` earlier (measured by its writer). On S3 the end is the
+    # stats object's Last-Modified (whole seconds).
     starts, ends, durations = [], [], []
-    for f in sorted(glob.glob(str(out / "*_stats.json"))):
-        st = json.loads(Path(f).read_text())
-        end = os.path.getmtime(f)
+    fs, root = storage.resolve(out)
+    infos = fs.get_file_info(pafs.FileSelector(root))
+    for info in sorted((i for i in infos if i.base_name.endswith("_stats.json")), key=lambda i: i.path):
+        st = storage.read_json(storage.join(out, info.base_name))
+        end = info.mtime.timestamp()
         starts.append(end - st["duration_s"])
         ends.append(end)
         durations.append(round(st["duration_s"], 2))
@@ -220,6 +245,18 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
             "span_best": ratio("images_per_s_span_best"),
             "target": TARGET_RATIO,
         }
+    if "vlm" in out and "vlm-s3" in out:
+        d, r = out["vlm"], out["vlm-s3"]
+
+        def s3_ratio(key: str) -> float | None:
+            return r[key] / d[key] if d.get(key) and r.get(key) else None
+
+        out["ratio_s3_over_disk"] = {
+            "wall_median": s3_ratio("images_per_s_wall_median"),
+            "span_median": s3_ratio("images_per_s_span_median"),
+            "printed_median": s3_ratio("images_per_s_printed_median"),
+            "target": TARGET_S3_RATIO,
+        }
     return out
 
 
@@ -239,7 +276,7 @@ def table(summary: dict, settings: dict) -> str:
         head,
         "-" * len(head),
     ]
-    for tool in ("img2dataset", "vlm"):
+    for tool in ("img2dataset", "vlm", "vlm-s3"):
         s = summary.get(tool)
         if not s:
             continue
@@ -261,12 +298,21 @@ def table(summary: dict, settings: dict) -> str:
         )
         verdict = "met" if (r["wall_median"] or 0) >= TARGET_RATIO else "NOT met"
         lines.append(f"target vlm >= {TARGET_RATIO}x img2dataset (wall, median): {verdict}")
-    v = summary.get("vlm")
-    if v and v.get("images_per_s_printed_median") is not None:
+    r = summary.get("ratio_s3_over_disk")
+    if r:
         lines.append(
-            f"vlm's own printed throughput (after Ray start-up, incl. MLflow run start and Ray Data "
-            f"scheduling): {v['images_per_s_printed_median']:.1f} img/s"
+            f"vlm-s3/vlm (local S3 over local disk): wall {_fmt(r['wall_median'], '.2f', 'x')}, span "
+            f"{_fmt(r['span_median'], '.2f', 'x')}, printed {_fmt(r['printed_median'], '.2f', 'x')}"
         )
+        verdict = "met" if (r["printed_median"] or 0) >= TARGET_S3_RATIO else "NOT met"
+        lines.append(f"target vlm-s3 >= {TARGET_S3_RATIO}x vlm on local disk (printed img/s, median): {verdict}")
+    for tool in ("vlm", "vlm-s3"):
+        v = summary.get(tool)
+        if v and v.get("images_per_s_printed_median") is not None:
+            lines.append(
+                f"{tool}'s own printed throughput (after Ray start-up, incl. MLflow run start and Ray Data "
+                f"scheduling): {v['images_per_s_printed_median']:.1f} img/s"
+            )
     lines.append(
         "wall: the whole command as a user runs it (vlm: incl. Ray start-up/shutdown; img2dataset: incl. its "
         "imports and pool spawn). span: first shard start to last shard end, from each tool's *_stats.json. "
@@ -284,7 +330,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/ingest.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=3000, help="URLs in the list (default 3000)")
     p.add_argument("--repeats", type=int, default=1, help="runs per tool; the table shows median and best")
-    p.add_argument("--tools", default="vlm,img2dataset", help="comma-separated: vlm, img2dataset")
+    p.add_argument(
+        "--tools", default="vlm,vlm-s3,img2dataset", help="comma-separated: vlm, vlm-s3 (to a local S3), img2dataset"
+    )
     p.add_argument("--resize-mode", default="border", help="border, keep_ratio, center_crop, ... (both tools)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--processes", type=int, default=cores, help="img2dataset processes = vlm ray.concurrency")
@@ -360,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         "vlm": {"overrides": vlm_overrides(args)},
     }
     print(f"work dir: {workdir}", flush=True)
-    server = None
+    server = s3 = None
+    bucket = ""
     runs: list[dict] = []
     try:
         t0 = time.time()
@@ -375,22 +424,34 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         warm_imports(args.tools)
+        if "vlm-s3" in args.tools:
+            s3 = S3Server(workdir)
+            os.environ.update(s3.env())  # this process reads the S3 run's manifest and stats
+            bucket = s3.bucket("vlm-bench-ingest")
+            print(f"local S3 {s3.endpoint}: bucket {bucket}", flush=True)
         for rep in range(args.repeats):
             order = args.tools if rep % 2 == 0 else list(reversed(args.tools))
             for tool in order:
-                out = workdir / f"{tool}-{rep}"
-                shutil.rmtree(out, ignore_errors=True)
+                out = f"{bucket}/{tool}-{rep}" if tool == "vlm-s3" else workdir / f"{tool}-{rep}"
+                if tool != "vlm-s3":
+                    shutil.rmtree(out, ignore_errors=True)
                 log = workdir / f"{tool}-{rep}.log"
                 waited = wait_quiet(args.wait_quiet, (server.proc.pid,))
                 load = os.getloadavg()[0]
                 note = f", waited {waited:.0f}s for quiet" if waited >= 2 else ""
                 print(f"[{rep + 1}/{args.repeats}] {tool} (load {load:.2f}{note}) ...", end=" ", flush=True)
-                side0 = server.cpu_s() + self_cpu_s()
+                s3_cpu0 = s3.cpu_s() if s3 else 0.0
+                side0 = server.cpu_s() + self_cpu_s() + s3_cpu0
                 if tool == "vlm":
                     res = run_vlm(args, server.urls, out, log, workdir, (server.proc.pid,))
+                elif tool == "vlm-s3":
+                    res = run_vlm(args, server.urls, out, log, workdir, (server.proc.pid, s3.proc.pid), s3)
                 else:
                     res = run_img2dataset(args, server.urls, out, log, (server.proc.pid,))
-                side = server.cpu_s() + self_cpu_s() - side0
+                s3_cpu = (s3.cpu_s() if s3 else 0.0) - s3_cpu0
+                side = server.cpu_s() + self_cpu_s() + s3_cpu + s3_cpu0 - side0
+                if tool == "vlm-s3":
+                    res["s3_server_cpu_s"] = round(s3_cpu, 2)  # the storage service's share (remote on a cluster)
                 res.update(tool=tool, repeat=rep, load_before=round(load, 2), web_and_bench_cpu_s=round(side, 2))
                 res["waited_for_quiet_s"] = round(waited, 1)
                 if res.get("machine_cpu_s") is not None and res.get("tool_cpu_s") is not None:
@@ -406,10 +467,17 @@ def main(argv: list[str] | None = None) -> int:
                 if res["successes"] < args.n:
                     print(f"  warning: {args.n - res['successes']} images failed; see {log}", flush=True)
                 if not args.keep:
-                    shutil.rmtree(out, ignore_errors=True)
+                    if tool == "vlm-s3":
+                        from vlm import storage
+
+                        storage.rmtree(out)
+                    else:
+                        shutil.rmtree(out, ignore_errors=True)
     finally:
         if server is not None:
             server.stop()
+        if s3 is not None:
+            s3.stop()
 
     summary = summarize(runs, args.tools)
     text = table(summary, settings)
