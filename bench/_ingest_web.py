@@ -139,14 +139,7 @@ class S3Server:
         return Server.cpu_s(self)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_fh.close()
+        Server.stop(self)
 
 
 def self_cpu_s() -> float:
