@@ -89,8 +89,10 @@ def remove_shard(out: str | Path, shard: int) -> None:
     """Delete a shard's files, stats first so it reads as incomplete at every moment."""
     for path in (stats_path(out, shard), tar_path(out, shard), parquet_path(out, shard)):
         storage.delete(path)
-    for tmp in storage.glob(out, f".{shard_name(shard)}*.tmp*"):  # temp files of killed writers
-        storage.delete(tmp)
+    if storage.is_url(out):  # writers spool locally and upload whole: no temp objects to clear
+        return
+    for tmp in Path(out).glob(f".{shard_name(shard)}*.tmp*"):  # temp files of killed writers
+        tmp.unlink(missing_ok=True)
 
 
 class ShardWriter:
