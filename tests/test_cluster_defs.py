@@ -411,6 +411,8 @@ def test_kuberay_s3_has_no_shared_volume_and_the_aws_env(which):
                 assert ref["key"] == var and ref["optional"] is True, (container["name"], var)
                 secrets.add(ref["name"])
     assert len(secrets) == 1, secrets
+    # KubeRay keeps the cluster's Ray token in a Secret named after the cluster: never the same one
+    assert secrets.isdisjoint({_load(RAYCLUSTER_S3)["metadata"]["name"], _load(RAYJOB_S3)["metadata"]["name"]})
 
 
 def _kuberay_without_storage(spec: dict) -> dict:
