@@ -8,23 +8,22 @@ say whether cleaning paid off. A second run skips every stage that is done.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from vlm import tracking
+from vlm import storage, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "configs" / "pipelines" / "demo.yaml"
 
 
 def _stage_info(out: str) -> dict:
-    path = Path(out) / "_stage.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = storage.join(out, "_stage.json")
+    return storage.read_json(path) if out and storage.is_file(path) else {}
 
 
 def _eval(out: str) -> dict:
-    path = Path(out) / "eval.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = storage.join(out, "eval.json")
+    return storage.read_json(path) if out and storage.is_file(path) else {}
 
 
 def _pct(value) -> str:
@@ -36,9 +35,9 @@ def summary(pipeline, result: dict) -> str:
     out = {name: s.output for name, s in pipeline.stages.items()}
     lines = [f"demo finished in {result['duration_s']:.0f}s ({len(result['failed'])} failed stage(s))"]
     if "capfilt" in out:
-        manifest_path = Path(out["capfilt"]) / "manifest.json"
-        if manifest_path.is_file():
-            m = json.loads(manifest_path.read_text())
+        manifest_path = storage.join(out["capfilt"], "manifest.json")
+        if storage.is_file(manifest_path):
+            m = storage.read_json(manifest_path)
             t = m["totals"]
             q = t.get("quality", {})
             lines.append(
@@ -56,8 +55,8 @@ def summary(pipeline, result: dict) -> str:
     shots = {k: v for k, v in flamingo.items() if k.startswith(("accuracy", "fewshot", "rank")) and "shot" in k}
     if shots:
         lines.append("  Flamingo on held-out digits: " + ", ".join(f"{k} {_pct(v)}" for k, v in sorted(shots.items())))
-    report = Path(out.get("compare", "")) / "report.html"
-    if report.is_file():
+    report = storage.join(out["compare"], "report.html") if out.get("compare") else ""
+    if report and storage.is_file(report):
         lines.append(f"  comparison report: {report}")
     lines.append(f"  outputs:     {pipeline.output}")
     lines.append(f"  mlflow runs: {tracking.tracking_uri()} (experiment {pipeline.experiment!r})")

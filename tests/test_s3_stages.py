@@ -108,3 +108,27 @@ def test_remote_shard_check_reads_two_blocks_and_the_stats(local_raw, s3, tmp_pa
     empty.close()
     storage.copy_dir(tmp_path, f"{url}/empty")
     assert [c.samples for c in check_shards([str(sh.tar_path(tmp_path, 4)), f"{url}/empty/00004.tar"], 0)] == [0, 0]
+
+
+def test_clipscore_checkpoint_from_a_bucket(s3_raw, s3, tmp_path, ray_local, mlflow_store):
+    """clean's CLIP-score step loads an open_clip export that lives in the bucket (no local copy given)."""
+    import open_clip
+    import torch
+
+    from vlm.models.clip.build import export_clip, model_config
+
+    torch.manual_seed(0)
+    mcfg = model_config("vlm-clip-tiny")
+    export_clip(open_clip.CLIP(**mcfg).state_dict(), mcfg, tmp_path / "clip", "vlm-clip-tiny")
+    bucket = s3_raw.rsplit("/", 1)[0]
+    storage.copy_dir(tmp_path / "clip", f"{bucket}/models/clip")
+    overrides = [
+        "steps=[clipscore]",
+        f"clipscore.checkpoint={bucket}/models/clip",
+        "clipscore.threshold=-1.0",
+        "clipscore.num_cpus=0.5",
+    ]
+    manifest = clean(s3_raw, f"{bucket}/scored", load_config(CleanConfig, None, overrides), show_progress=False)
+    assert manifest["totals"]["step_stats"]["clipscore"]["seen"] == 60 and manifest["totals"]["kept"] == 60
+    rows = [r for s in range(3) for r in sh.read_parquet(sh.parquet_path(f"{bucket}/scored", s)).to_pylist()]
+    assert len(rows) == 60

@@ -94,15 +94,13 @@ class ClipScorer:
 
 def check_checkpoint(checkpoint: str | None, preset: str | None = None) -> str:
     """ "export" or "weights": what `checkpoint` is; ConfigError if it is neither or lacks its preset."""
-    from pathlib import Path
-
+    from vlm import storage
     from vlm.errors import ConfigError
     from vlm.models.clip.build import EXPORT_CONFIG
 
-    path = Path(checkpoint or "")
-    if checkpoint and path.is_dir() and (path / EXPORT_CONFIG).is_file():
+    if checkpoint and storage.is_file(storage.join(checkpoint, EXPORT_CONFIG)):  # a local dir or a URL prefix
         return "export"
-    if checkpoint and path.is_file():
+    if checkpoint and storage.is_file(checkpoint):
         if not preset:
             raise ConfigError(f"clipscore.checkpoint {checkpoint} is a weights file: set clipscore.preset too")
         return "weights"
