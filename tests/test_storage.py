@@ -70,3 +70,41 @@ def test_bad_buckets_and_endpoints_are_one_line(s3, monkeypatch):
     with pytest.raises(InputError, match=r"cannot reach the storage endpoint http://127.0.0.1:9") as err:
         storage.check_writable("s3://any-bucket/out")
     assert "\n" not in str(err.value)
+
+
+def test_denied_credentials_are_one_line(tmp_path, monkeypatch):
+    """A second moto server that checks IAM credentials: unknown keys are one line naming the URL."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")  # moto: authenticate every request
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY00000")
+        with pytest.raises(InputError) as err:
+            storage.check_writable("s3://some-bucket/out")
+        assert str(err.value).startswith("s3://some-bucket/out: ") and "\n" not in str(err.value)
+        assert "access denied" in str(err.value) or "credentials rejected" in str(err.value), err.value
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
