@@ -50,7 +50,7 @@ def test_clean_then_capfilt_on_s3_match_local_disk(local_raw, s3_raw, s3, tmp_pa
     assert remote["totals"] == local["totals"] and remote["num_shards"] == 3
     assert _decisions(out) == _decisions(tmp_path / "clean")
     assert remote["inputs"][0]["path"] == s3_raw
-    keys = s3.keys(out)
+    keys = [k for k in s3.keys(out) if not k.endswith("/")]  # directory markers are not data
     for shard in range(3):
         for name in (f"{shard:05d}.tar", f"{shard:05d}.parquet", f"{shard:05d}_stats.json"):
             assert f"clean/{name}" in keys and f"clean/_dropped/{name}" in keys
@@ -63,7 +63,8 @@ def test_clean_then_capfilt_on_s3_match_local_disk(local_raw, s3_raw, s3, tmp_pa
         )
 
     again = clean(s3_raw, out, cfg, show_progress=False)  # complete on S3: nothing redone
-    assert again["run"]["shards_processed"] == 0 and s3.keys(out) == keys
+    # (pyarrow may leave a `clean/` directory marker behind the output check's probe object: not data)
+    assert again["run"]["shards_processed"] == 0 and [k for k in s3.keys(out) if not k.endswith("/")] == keys
 
     storage.delete(sh.stats_path(out, 1))  # shard 1 loses its completion marker: only it is redone
     redo = clean(s3_raw, out, cfg, show_progress=False)
