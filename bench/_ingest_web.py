@@ -11,7 +11,6 @@ import argparse
 import concurrent.futures
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -103,23 +102,16 @@ class S3Server:
     AWS variables a `vlm ingest` process needs to write to it, as it would to a user's bucket."""
 
     def __init__(self, workdir: Path, timeout_s: float = 60):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        from vlm.testbed.s3 import free_port, start_moto
+
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._log_fh = open(workdir / "s3.log", "wb")
-        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout_s
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"moto server did not start on {self.endpoint}; see {workdir}/s3.log") from None
-                time.sleep(0.2)
+        try:
+            self.proc = start_moto(self.port, log=self._log_fh, timeout_s=timeout_s)
+        except RuntimeError as exc:
+            self._log_fh.close()
+            raise RuntimeError(f"{exc}; see {workdir}/s3.log") from None
 
     def env(self) -> dict[str, str]:
         return {

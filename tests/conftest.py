@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from vlm.testbed.s3 import free_port
 
 # The local S3 (moto's server) gets its port now, before anything starts Ray, so the Ray workers of the
 # shared instance inherit the same standard AWS variables a user's job would carry.
-S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
 os.environ.update(
     AWS_ENDPOINT_URL=S3_ENDPOINT,
     AWS_ACCESS_KEY_ID="testing",
@@ -35,22 +26,10 @@ class LocalS3:
     """A real S3-compatible HTTP server on 127.0.0.1 (moto's server mode, its own process)."""
 
     def __init__(self, endpoint: str):
+        from vlm.testbed.s3 import start_moto
+
         self.endpoint = endpoint
-        port = endpoint.rsplit(":", 1)[1]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
-                time.sleep(0.2)
+        self.proc = start_moto(int(endpoint.rsplit(":", 1)[1]))
 
     def client(self):
         import boto3

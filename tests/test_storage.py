@@ -75,30 +75,12 @@ def test_bad_buckets_and_endpoints_are_one_line(s3, monkeypatch):
 def test_denied_credentials_are_one_line(tmp_path, monkeypatch):
     """A second moto server that checks IAM credentials: unknown keys are one line naming the URL."""
     import os
-    import socket
-    import subprocess
-    import sys
-    import time
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")  # moto: authenticate every request
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    from vlm.testbed.s3 import free_port, start_moto
+
+    port = free_port()
+    proc = start_moto(port, env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"))  # moto: authenticate all
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "moto server did not start"
-                time.sleep(0.2)
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY00000")
         with pytest.raises(InputError) as err:

@@ -359,6 +359,16 @@ def copy_dir(src: str | Path, dst: str | Path) -> None:
         raise StorageError.of(dst, exc) from None
 
 
+def download(path: str | Path, into: str | Path) -> Path:
+    """Copy the file or directory tree at `path` to `into/<its name>`; returns that local path."""
+    dst = Path(into) / basename(path)
+    if is_dir(path):
+        copy_dir(path, dst)
+    else:
+        dst.write_bytes(read_bytes(path))
+    return dst
+
+
 @contextmanager
 def local_dir(path: str | Path) -> Iterator[Path]:
     """A local directory holding the tree at `path`: the path itself when local, else a
@@ -378,9 +388,7 @@ def local_file(path: str | Path) -> Iterator[Path]:
         yield Path(normalize(path))
         return
     with tempfile.TemporaryDirectory(prefix="vlm-download-") as tmp:
-        dst = Path(tmp) / basename(path)
-        dst.write_bytes(read_bytes(path))
-        yield dst
+        yield download(path, tmp)
 
 
 # ----------------------------------------------------------------------------- errors, checks

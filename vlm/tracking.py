@@ -176,11 +176,7 @@ class Run:
             self._log_artifact_call(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
             return
         with tempfile.TemporaryDirectory(prefix="vlm-artifact-") as tmp:
-            local = Path(tmp) / storage.basename(path)
-            if storage.is_dir(path):
-                storage.copy_dir(str(path), str(local))
-            else:
-                local.write_bytes(storage.read_bytes(path))
+            local = storage.download(path, tmp)
             self._log_artifact_call(lambda: self._client.log_artifact(self.run_id, str(local), artifact_path))
 
     @_safe

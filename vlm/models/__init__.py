@@ -22,10 +22,4 @@ def local_copy(path: str) -> str:
         return path
     tmp = tempfile.mkdtemp(prefix="vlm-model-")
     atexit.register(shutil.rmtree, tmp, True)
-    if storage.is_dir(path):
-        storage.copy_dir(path, tmp)
-        return tmp
-    dst = storage.join(tmp, storage.basename(path))
-    with open(dst, "wb") as f:
-        f.write(storage.read_bytes(path))
-    return dst
+    return str(storage.download(path, tmp))
