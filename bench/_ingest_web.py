@@ -1,6 +1,6 @@
 """bench/ingest.py's local web: a server process (its own GIL) serving web-like images from a warm cache,
 its URL list, the local S3 (moto's server) for the S3 row, and the CPU-quiet wait a shared machine needs
-before timing.
+before timing, and the img2dataset child run (`ingest.py _img2dataset`).
 
     python bench/_ingest_web.py --urls URLS.parquet --n 3000   # what `Server` starts: prints the base URL
 """
@@ -218,3 +218,47 @@ def warm(urls: list[str], threads: int = 8) -> dict:
 
 if __name__ == "__main__":
     sys.exit(serve_main(sys.argv[1:]))
+
+
+# ----------------------------------------------------------------------------- img2dataset
+
+
+def img2dataset_main(argv: list[str]) -> int:
+    """`ingest.py _img2dataset`: one img2dataset run (its own process: it spawns its pool)."""
+    p = argparse.ArgumentParser(prog="ingest.py _img2dataset")
+    p.add_argument("--urls", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--processes", type=int, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--shard-size", type=int, required=True)
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--resize-mode", required=True)
+    args = p.parse_args(argv)
+
+    from img2dataset import download
+
+    download(
+        url_list=args.urls,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_format="webdataset",
+        output_folder=args.output,
+        processes_count=args.processes,
+        thread_count=args.threads,
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        encode_format="jpg",
+        encode_quality=95,
+        number_sample_per_shard=args.shard_size,
+        distributor="multiprocessing",
+        timeout=10,
+        retries=0,
+        # [] means "check no X-Robots-Tag directive" (None would mean its default list).
+        disallowed_header_directives=[],
+        enable_wandb=False,
+        # The output folder is always new. ("overwrite" is broken in 1.47: it makes
+        # OUTPUT/_tmp, then deletes OUTPUT with it, and every shard fails to find its input.)
+        incremental_mode="incremental",
+    )
+    return 0

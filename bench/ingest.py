@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, machine_info, report
-from _ingest_web import SIZES, S3Server, Server, read_urls, self_cpu_s, wait_quiet, warm
+from _ingest_web import SIZES, S3Server, Server, img2dataset_main, read_urls, self_cpu_s, wait_quiet, warm
 from _proc_tree import run_measured
 
 DEFAULT_JSON = RESULTS / "ingest.json"
@@ -55,47 +55,6 @@ TARGET_S3_RATIO = 0.9  # vlm-s3 / vlm (local disk), img/s
 
 
 # ----------------------------------------------------------------------------- tools
-
-
-def img2dataset_main(argv: list[str]) -> int:
-    """`_img2dataset`: one img2dataset run (its own process: it spawns its pool)."""
-    p = argparse.ArgumentParser(prog="ingest.py _img2dataset")
-    p.add_argument("--urls", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--processes", type=int, required=True)
-    p.add_argument("--threads", type=int, required=True)
-    p.add_argument("--shard-size", type=int, required=True)
-    p.add_argument("--image-size", type=int, required=True)
-    p.add_argument("--resize-mode", required=True)
-    args = p.parse_args(argv)
-
-    from img2dataset import download
-
-    download(
-        url_list=args.urls,
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        output_format="webdataset",
-        output_folder=args.output,
-        processes_count=args.processes,
-        thread_count=args.threads,
-        image_size=args.image_size,
-        resize_mode=args.resize_mode,
-        encode_format="jpg",
-        encode_quality=95,
-        number_sample_per_shard=args.shard_size,
-        distributor="multiprocessing",
-        timeout=10,
-        retries=0,
-        # [] means "check no X-Robots-Tag directive" (None would mean its default list).
-        disallowed_header_directives=[],
-        enable_wandb=False,
-        # The output folder is always new. ("overwrite" is broken in 1.47: it makes
-        # OUTPUT/_tmp, then deletes OUTPUT with it, and every shard fails to find its input.)
-        incremental_mode="incremental",
-    )
-    return 0
 
 
 def _base_env() -> dict:
@@ -227,6 +186,8 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
             entry[f"{label}_s"] = [round(r[key], 2) for r in mine if r.get(key) is not None]
             entry[f"images_per_s_{label}_median"] = statistics.median(rates) if rates else None
             entry[f"images_per_s_{label}_best"] = max(rates) if rates else None
+        fixed = [r["wall_s"] - r["span_s"] for r in mine if not math.isnan(r.get("span_s", math.nan))]
+        entry["fixed_s_median"] = statistics.median(fixed) if fixed else None  # start-up + shutdown
         for key in ("tool_cpu_s", "machine_cpu_s"):
             cpu = [r[key] / r["successes"] for r in mine if r.get(key) and r["successes"]]
             entry[f"{key[:-2]}_ms_per_image_median"] = 1000 * statistics.median(cpu) if cpu else None
@@ -308,6 +269,11 @@ def table(summary: dict, settings: dict) -> str:
         lines.append(f"target vlm-s3 >= {TARGET_S3_RATIO}x vlm on local disk (printed img/s, median): {verdict}")
     for tool in ("vlm", "vlm-s3"):
         v = summary.get(tool)
+        if v and v.get("fixed_s_median") is not None:
+            lines.append(
+                f"{tool} fixed cost (wall - shard span: Ray start, MLflow run, scheduling, shutdown): "
+                f"{v['fixed_s_median']:.1f}s (goal < 4s)"
+            )
         if v and v.get("images_per_s_printed_median") is not None:
             lines.append(
                 f"{tool}'s own printed throughput (after Ray start-up, incl. MLflow run start and Ray Data "

@@ -11,7 +11,7 @@ content hash of the settings that decide its output, a per-shard function `proce
 3. The plan (`stage.plan`, into `OUT/_plan/`), written last and atomically.
 4. Skip complete shards (a shard is complete iff its stats file exists); `retry_failed` adds
    the complete shards `stage.retry_shards` names.
-5. The Ray Data map of `process_shard` over the shards to do (`stage.execute` may replace it,
+5. One Ray task per shard to do, running `process_shard` (`stage.execute` may replace it,
    as capfilt's actor pools do), with one progress bar.
 6. One MLflow run (nested under the caller's `RunContext`), one manifest schema, one totals
    aggregator, one set of metric names and one summary table.
@@ -88,7 +88,7 @@ class ShardStage:
         return None, 1.0
 
     def execute(self, todo: list[tuple[int, bool]], plan: dict, bar: Progress) -> list[dict]:
-        """Process the shards in `todo`; returns their stats. Default: a Ray Data task per shard."""
+        """Process the shards in `todo`; returns their stats. Default: a Ray task per shard (`map_shards`)."""
         return map_shards(self, todo, bar)
 
     def images(self, stats: dict) -> int:
@@ -227,29 +227,42 @@ def make_plan(stage: ShardStage, fingerprint: dict, show_progress: bool) -> dict
     return plan
 
 
-# ----------------------------------------------------------------------------- Ray Data map
+# ----------------------------------------------------------------------------- the shard map
+
+
+def _shard_task(process, shard: int, retry: bool) -> dict:
+    return process(shard, retry)
 
 
 def map_shards(stage: ShardStage, todo: list[tuple[int, bool]], bar: Progress) -> list[dict]:
-    """`stage.process_shard` over `todo` as Ray Data tasks; stats in completion order."""
-    import ray.data
+    """`stage.process_shard` over `todo` as Ray tasks, at most the stage's concurrency in flight;
+    stats in completion order.
+
+    Plain tasks, not a Ray Data map: one task per shard needs no streaming executor, whose
+    start-up and scheduling loop were seconds of a small ingest (issue 19's fixed cost). A task
+    whose worker dies is retried as Ray Data's would be; an error in a shard cancels the rest.
+    """
+    import ray
 
     from vlm.runtime import cluster_cpus
 
     size, cpus = stage.task_resources()
     size = max(1, min(size or int(cluster_cpus() / cpus), len(todo)))
-    process = stage.process_shard
-
-    def task(row: dict) -> dict:
-        return {"stats": json.dumps(process(int(row["shard"]), bool(row["retry"])))}
-
-    ds = ray.data.from_items([{"shard": s, "retry": r} for s, r in todo], override_num_blocks=len(todo))
-    ds = ds.map(task, num_cpus=cpus, compute=ray.data.TaskPoolStrategy(size=size))
-    results = []
-    for row in ds.iter_rows():
-        stats = json.loads(row["stats"])
-        results.append(stats)
-        bar.update(stats.get("count", 0), shards=1)
+    task = ray.remote(num_cpus=cpus, max_retries=3)(_shard_task)
+    process = ray.put(stage.process_shard)  # the stage pickled once, not per task
+    waiting, running, results = list(todo), [], []
+    try:
+        while waiting or running:
+            while waiting and len(running) < size:
+                shard, retry = waiting.pop(0)
+                running.append(task.remote(process, shard, retry))
+            done, running = ray.wait(running, num_returns=1)
+            stats = ray.get(done[0])
+            results.append(stats)
+            bar.update(stats.get("count", 0), shards=1)
+    finally:
+        for ref in running:  # after an error (or Ctrl-C): no shard goes on writing
+            ray.cancel(ref)
     return results
 
 
@@ -329,16 +342,23 @@ def run(
     stage.check()
     fingerprint = {"content_hash": stage.content_hash(), "inputs": stage.inputs()}
     plan = existing_plan(stage, fingerprint)
-    where = init_ray(address, dashboard=False)  # before writing anything: a bad address leaves no trace
-    storage.makedirs(out)
-    write_config(cfg, sh.at(out, "config.yaml"))
-    t0 = time.time()
-    with tracking.start_run(
+    # The MLflow run opens in a thread while Ray starts (both take seconds; neither needs the
+    # other). Ray first, before writing anything: a bad address leaves no output and no run.
+    pending = tracking.BackgroundRun(
         cfg.tracking.experiment,
         cfg.tracking.run_name or f"{stage.name}-{storage.basename(out)}",
         tags={"stage": stage.name, "output": sh.display(out), **stage.tags()},
         context=context,
-    ) as run_:
+    )
+    try:
+        where = init_ray(address, dashboard=False)
+    except BaseException:
+        pending.discard()
+        raise
+    storage.makedirs(out)
+    write_config(cfg, sh.at(out, "config.yaml"))
+    t0 = time.time()
+    with pending as run_:
         if run_:
             run_.log_config(cfg)
         planned_now = plan is None

@@ -368,6 +368,51 @@ def start_run(
             log.warning("mlflow set_terminated failed: %s", exc)
 
 
+class BackgroundRun:
+    """`start_run(...)` begun now in a thread, so the MLflow store (SQLite file, migrations, the
+    experiment lookup: 1-2 s) opens while the caller starts Ray; `with` waits for it and yields
+    what `start_run` yields (the run, or None when tracking is unavailable).
+
+    A caller that fails before the `with` calls `discard()`: the run is ended and deleted, so a
+    job that never started leaves no run behind.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        import threading
+
+        self._cm = start_run(*args, **kwargs)
+        self._opened: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._open, name="mlflow-start", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            self._opened["run"] = self._cm.__enter__()
+        except BaseException as exc:  # re-raised in the caller's thread by __enter__
+            self._opened["error"] = exc
+
+    def __enter__(self) -> Run | None:
+        self._thread.join()
+        if "error" in self._opened:
+            raise self._opened["error"]
+        return self._opened.get("run")
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._cm.__exit__(*exc)
+
+    def discard(self) -> None:
+        """End the run unused and delete it (never raises)."""
+        try:
+            run = self.__enter__()
+            self._cm.__exit__(None, None, None)
+            if run is not None:
+                import mlflow
+
+                mlflow.MlflowClient(tracking_uri=run.uri).delete_run(run.run_id)
+        except Exception as exc:  # tracking must not mask the caller's own error
+            log.warning("mlflow could not discard an unused run: %s", str(exc).splitlines()[0] if str(exc) else exc)
+
+
 UI_PORT = 5000
 
 
