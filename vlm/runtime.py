@@ -8,6 +8,7 @@ with a one-line `ClusterError` rather than hanging.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ipaddress
 import logging
@@ -155,9 +156,24 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ClusterError(f"could not start a local Ray: {first}") from None
         _started_here = True
+        atexit.register(_shutdown_local)
         where = f"local ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     _configure_ray_data()
     return where
+
+
+def _shutdown_local() -> None:
+    """Stop the local Ray this process started, at exit, before Ray's own exit hook runs.
+
+    Ray's hook (`shutdown(_exiting_interpreter=True)`) first sleeps 0.5 s so that workers' last
+    messages reach the console; ours runs first (atexit is last-in, first-out) and skips that
+    wait, part of issue 19's fixed cost. Workers' output is in Ray's logs (and on the console
+    with `vlm -v`, whose runs keep Ray's hook and its wait).
+    """
+    import ray
+
+    if ray.is_initialized() and not log_to_driver():
+        ray.shutdown()
 
 
 def local_cores() -> int | None:
