@@ -1,9 +1,11 @@
 """Ingest stage: URL lists -> WebDataset shards + parquet + stats, as a Ray Data job.
 
 The shard-stage driver (`pipelines.shard_stage`) runs it; this module supplies:
-1. Plan (driver, streaming): read the input in record batches, drop exact duplicate URLs, and
-   cut the rows into shard input files `_plan/inputs/{shard}.parquet`; keys follow the input
-   order, so they are the same on every run. The plan is reused by reruns.
+1. Plan: the driver streams the input in record batches and cuts the rows into shard input
+   files `_plan/inputs/{shard}.parquet` (with each URL's digest); keys follow the input order,
+   so they are the same on every run. Then a Ray job (`mark_duplicate_urls`, a hash exchange)
+   marks every URL seen earlier in the input as a duplicate, rewriting only the shard inputs
+   that hold one: the driver's memory does not grow with the rows. Reruns reuse the plan.
 2. Fetch (per shard, a Ray Data task): `download_shard` (many connections, decode on threads)
    publishes the shard with its stats file last.
 3. Reporting: counts by status, success rate, bytes, a contact sheet.
@@ -34,6 +36,11 @@ from vlm.errors import InputError
 from vlm.tracking import TrackingConfig, tracking_defaults
 
 INPUTS_DIR = "inputs"  # under the plan dir: one parquet of input rows per shard
+DIGEST = "url_digest"  # shard-input column: the URL's 8-byte digest (null: no URL), read by the dedup job
+_INPUT_COLUMNS = ("key", "url", "caption", "status", "error_message", "extra")  # what a shard task reads
+# Rows per task of the duplicate-URL job (16 bytes each in a block; ~60 in a reduce's group-by).
+_MAX_ROWS_PER_TASK = 4_000_000
+_MIN_ROWS_PER_TASK = 100_000
 
 
 @dataclass
@@ -86,54 +93,59 @@ def _url_digest(url: str) -> int:
     return int.from_bytes(hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-def _write_shard_input(work: Path | str, shard: int, rows: list[dict]) -> None:
+def _input_path(work: Path | str, shard: int) -> Path | str:
+    return sh.at(work, f"{sh.shard_name(shard)}.parquet")
+
+
+def _put_table(path: Path | str, table) -> None:
     import io
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    sh.atomic_write_bytes(path, sink.getvalue())
+
+
+def _write_shard_input(work: Path | str, shard: int, rows: list[dict]) -> None:
+    import pyarrow as pa
 
     table = pa.table(
         {
             "key": [r["key"] for r in rows],
             "url": [r["url"] for r in rows],
             "caption": pa.array([r["caption"] for r in rows], pa.string()),
-            "status": pa.array([r["status"] for r in rows], pa.string()),
-            "error_message": pa.array([r["error_message"] for r in rows], pa.string()),
+            "status": pa.array([None] * len(rows), pa.string()),
+            "error_message": pa.array([None] * len(rows), pa.string()),
             "extra": [json.dumps(r["extra"], default=str) for r in rows],
+            DIGEST: pa.array([r["digest"] for r in rows], pa.uint64()),
         }
     )
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    sh.atomic_write_bytes(sh.at(work, f"{sh.shard_name(shard)}.parquet"), sink.getvalue())
+    _put_table(_input_path(work, shard), table)
 
 
 def cut_inputs(plan_dir: Path | str, paths: list[Path | str], cfg: IngestConfig) -> dict:
-    """Cut the input rows into shard input files under `plan_dir`, marking duplicate URLs."""
+    """Cut the input rows into shard input files under `plan_dir`, then mark duplicate URLs.
+
+    The cut streams (one shard's rows in memory); the duplicates are found by a Ray job over
+    the written files (`mark_duplicate_urls`), so the driver's memory does not grow with the rows.
+    """
     work = sh.at(plan_dir, INPUTS_DIR)
     storage.makedirs(work)
     per_shard = cfg.output.samples_per_shard
-    seen: set[int] = set()
     buf: list[dict] = []
-    shard = total = dups = 0
+    shard = total = 0
     rows = iter_rows(paths, cfg.input)
     for batch in rows:
         for row in batch:
             url = row["url"] or ""
-            status = error = None
-            digest = _url_digest(url)
-            if url and digest in seen:
-                status, error = dl.SKIPPED_DUPLICATE, "duplicate url in input"
-                dups += 1
-            else:
-                seen.add(digest)
             buf.append(
                 {
                     "key": sh.sample_key(shard, len(buf)),
                     "url": url,
                     "caption": row["caption"],
-                    "status": status,
-                    "error_message": error,
                     "extra": row["extra"],
+                    "digest": _url_digest(url) if url else None,  # no URL: never a duplicate
                 }
             )
             total += 1
@@ -149,16 +161,101 @@ def cut_inputs(plan_dir: Path | str, paths: list[Path | str], cfg: IngestConfig)
     return {
         "shards": list(range(shard)),
         "num_rows": total,
-        "duplicates": dups,
+        "duplicates": mark_duplicate_urls(work, list(range(shard)), per_shard, total),
         "skipped_rows": rows.skipped_rows,
         "skipped_lines": [f"{p}:{line}" for p, line in rows.skipped_lines],
         "truncated_captions": rows.truncated_captions,
     }
 
 
+# ----------------------------------------------------------------------------- duplicate URLs (Ray job)
+
+
+def _tasks_for(rows: int, cpus: int) -> int:
+    """Tasks for one step of the dedup job: a task per MAX rows, and the cluster's CPUs in use
+    once there are MIN rows per task (a small input stays a handful of tasks: issue 19's fixed cost)."""
+    return max(1, -(-rows // _MAX_ROWS_PER_TASK), min(cpus, -(-rows // _MIN_ROWS_PER_TASK)))
+
+
+def _digest_block(shards: list[int], work: Path | str, per_shard: int):
+    """One block of the dedup job: (url_digest, order) of the rows of `shards` that have a URL;
+    order = shard * per_shard + row, the input order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from vlm.data.exchange import concat
+
+    parts = []
+    for shard in shards:
+        digest = sh.read_parquet(_input_path(work, shard), columns=[DIGEST]).column(DIGEST).combine_chunks()
+        order = pa.array(np.arange(len(digest), dtype=np.int64) + shard * per_shard)
+        parts.append(pa.table({DIGEST: digest, "order": order}).filter(pc.is_valid(digest)))
+    return concat(parts)
+
+
+def _with_shard(table, per_shard: int):
+    import pyarrow as pa
+
+    return table.append_column("shard", pa.array(table.column("order").to_numpy() // per_shard))
+
+
+def _mark_in_shards(table, _p: int, work: Path | str, per_shard: int) -> int:
+    """Rewrite each shard input holding duplicates (rows `order` of `table`), marked as skipped."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    order = table.column("order").to_numpy()
+    shard_of = table.column("shard").to_numpy()
+    for shard in np.unique(shard_of):
+        path = _input_path(work, int(shard))
+        rows = sh.read_parquet(path)
+        mask = np.zeros(rows.num_rows, dtype=bool)
+        mask[order[shard_of == shard] - shard * per_shard] = True
+        for column, value in (("status", dl.SKIPPED_DUPLICATE), ("error_message", "duplicate url in input")):
+            marked = pc.if_else(pa.array(mask), pa.scalar(value, pa.string()), rows.column(column))
+            rows = rows.set_column(rows.schema.get_field_index(column), column, marked)
+        _put_table(path, rows)
+    return len(order)
+
+
+def mark_duplicate_urls(work: Path | str, shards: list[int], per_shard: int, rows: int) -> int:
+    """Mark every row whose URL occurred earlier in the input as `skipped_duplicate`; returns the count.
+
+    The decisions of one walk over the rows in input order with a set of seen URL digests,
+    made by Ray tasks: read tasks turn groups of shard inputs into (digest, order) blocks,
+    `first_occurrence` finds the later rows of each digest, and a second exchange (by shard)
+    brings them to the tasks that rewrite the shard inputs holding them. The driver holds
+    object refs (tasks x partitions) and the shard list, never a row.
+    """
+    import ray
+
+    from vlm.data import exchange
+    from vlm.data.global_dedup import first_occurrence
+    from vlm.runtime import cluster_cpus
+
+    cpus = cluster_cpus()
+    step = -(-len(shards) // min(len(shards), _tasks_for(rows, cpus)))
+    groups = [shards[i : i + step] for i in range(0, len(shards), step)]
+    blocks = exchange.run_tasks(_digest_block, groups, work, per_shard)
+    partitions = _tasks_for(rows, cpus)
+    later = first_occurrence(blocks, digest=DIGEST, order="order", partitions=partitions)
+    counts = exchange.exchange(
+        later,
+        by="shard",
+        partitions=min(len(shards), partitions),
+        map_fn=_with_shard,
+        map_args=(per_shard,),
+        reduce_fn=_mark_in_shards,
+        reduce_args=(work, per_shard),
+    )
+    return int(sum(ray.get(counts)))
+
+
 def read_shard_input(out: Path | str, shard: int) -> list[dict]:
-    path = sh.at(sh.at(sh.at(out, shard_stage.PLAN_DIR), INPUTS_DIR), f"{sh.shard_name(shard)}.parquet")
-    rows = sh.read_parquet(path).to_pylist()
+    path = _input_path(sh.at(sh.at(out, shard_stage.PLAN_DIR), INPUTS_DIR), shard)
+    rows = sh.read_parquet(path, columns=list(_INPUT_COLUMNS)).to_pylist()
     for row in rows:
         row["extra"] = json.loads(row["extra"])
     return rows
