@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -55,6 +57,11 @@ def _rank(rank: int, world: int, init_file: str, local_loss: bool, results):
         results.put((loss.item() / world, [p.grad.numpy().copy() for p in params]))  # by value
     dist.barrier()
     dist.destroy_process_group()
+    # Skip interpreter teardown: a gloo thread torn down there aborted a rank now and then
+    # ("terminate called without an active exception", exit -6) after the result was in.
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("local_loss", [False, True])
