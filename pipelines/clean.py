@@ -148,10 +148,7 @@ def _plan_dir(out: Path | str) -> Path | str:
 
 
 def _write_plan_shard(out: Path, shard: int, keys: list[str], decisions: dict[str, dict]) -> None:
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     rows = [decisions[k] for k in keys]
     table = pa.table(
@@ -163,9 +160,7 @@ def _write_plan_shard(out: Path, shard: int, keys: list[str], decisions: dict[st
             "meta": pa.array([json.dumps(d["meta"], sort_keys=True) for d in rows], pa.string()),
         }
     )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    sh.atomic_write_bytes(sh.at(_plan_dir(out), f"{sh.shard_name(shard)}.parquet"), buf.getvalue())
+    sh.write_parquet(sh.at(_plan_dir(out), f"{sh.shard_name(shard)}.parquet"), table)
 
 
 def read_plan_shard(out: Path, shard: int) -> dict[str, dict]:

@@ -97,16 +97,6 @@ def _input_path(work: Path | str, shard: int) -> Path | str:
     return sh.at(work, f"{sh.shard_name(shard)}.parquet")
 
 
-def _put_table(path: Path | str, table) -> None:
-    import io
-
-    import pyarrow.parquet as pq
-
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    sh.atomic_write_bytes(path, sink.getvalue())
-
-
 def _write_shard_input(work: Path | str, shard: int, rows: list[dict]) -> None:
     import pyarrow as pa
 
@@ -121,7 +111,7 @@ def _write_shard_input(work: Path | str, shard: int, rows: list[dict]) -> None:
             DIGEST: pa.array([r["digest"] for r in rows], pa.uint64()),
         }
     )
-    _put_table(_input_path(work, shard), table)
+    sh.write_parquet(_input_path(work, shard), table)
 
 
 def cut_inputs(plan_dir: Path | str, paths: list[Path | str], cfg: IngestConfig) -> dict:
@@ -216,7 +206,7 @@ def _mark_in_shards(table, _p: int, work: Path | str, per_shard: int) -> int:
         for column, value in (("status", dl.SKIPPED_DUPLICATE), ("error_message", "duplicate url in input")):
             marked = pc.if_else(pa.array(mask), pa.scalar(value, pa.string()), rows.column(column))
             rows = rows.set_column(rows.schema.get_field_index(column), column, marked)
-        _put_table(path, rows)
+        sh.write_parquet(path, rows)
     return len(order)
 
 

@@ -151,7 +151,6 @@ class ShardWriter:
     def close(self, extra_stats: dict | None = None) -> dict:
         """Publish the shard: tar, then parquet, then stats (the completion marker)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         self._tar.close()
         try:
@@ -160,9 +159,7 @@ class ShardWriter:
             self._tmp_tar.unlink(missing_ok=True)
         rows = sorted(self.rows, key=lambda r: r["key"])
         table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        atomic_write_bytes(parquet_path(self.out, self.shard), sink.getvalue())
+        write_parquet(parquet_path(self.out, self.shard), table)
         stats = shard_stats(rows, self.shard, self.bytes_written, time.time() - self._t0)
         stats.update(extra_stats or {})
         atomic_write_json(stats_path(self.out, self.shard), stats)
@@ -226,6 +223,15 @@ def _samples(tar: tarfile.TarFile) -> dict[str, dict[str, bytes]]:
         key, _, ext = member.name.partition(".")
         samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     return samples
+
+
+def write_parquet(path: str | Path, table) -> None:
+    """A pyarrow Table as one parquet file, written atomically (one PUT on a URL), local or URL."""
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue())
 
 
 def read_parquet(path: str | Path, columns: list[str] | None = None):
