@@ -280,8 +280,20 @@ class Dedup(Step):
         return feats
 
     def decide(self, records: list[dict]) -> list[str | None]:
-        seen: dict[str, str] = {}  # digest -> first key
         index = _MultiIndex(self.cfg.near_threshold, len(records)) if self.cfg.near else None
+        return self._walk(records, index)
+
+    def decide_group(self, records: list[dict]) -> list[str | None]:
+        """`decide` over one connected group of samples (few hashes: a linear scan, no index to build).
+
+        The distributed dedup (`vlm.data.global_dedup`) calls this once per group of samples
+        linked by a shared digest or a pHash within the threshold: no sample outside a group can
+        change a decision inside it, so the walk over each group is the walk over everything.
+        """
+        return self._walk(records, _ScanIndex(self.cfg.near_threshold) if self.cfg.near else None)
+
+    def _walk(self, records: list[dict], index) -> list[str | None]:
+        seen: dict[str, str] = {}  # digest -> first key
         index_keys: list[str] = []
         reasons: list[str | None] = []
         for record in records:
@@ -309,6 +321,32 @@ class Dedup(Step):
                         seen.setdefault(f[field_name], record["key"])
             reasons.append(reason)
         return reasons
+
+
+class _ScanIndex:
+    """`_MultiIndex`'s interface by a linear scan: cheaper for the few hashes of one group."""
+
+    def __init__(self, threshold: int):
+        self.threshold = threshold
+        self._arr = np.zeros(64, dtype=np.uint64)
+        self._n = 0
+
+    def query(self, h: int) -> tuple[int, int] | None:
+        if self._n <= 32:  # a Python loop beats numpy's call overhead here
+            for i in range(self._n):
+                d = (h ^ int(self._arr[i])).bit_count()
+                if d <= self.threshold:
+                    return i, d
+            return None
+        dist = np.bitwise_count(self._arr[: self._n] ^ np.uint64(h))
+        hit = np.flatnonzero(dist <= self.threshold)
+        return (int(hit[0]), int(dist[hit[0]])) if hit.size else None
+
+    def add(self, h: int) -> None:
+        if self._n == len(self._arr):
+            self._arr = np.concatenate([self._arr, np.zeros(self._n, dtype=np.uint64)])
+        self._arr[self._n] = h
+        self._n += 1
 
 
 # ----------------------------------------------------------------------------- registry

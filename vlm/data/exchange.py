@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["concat", "exchange", "mix64", "partition_of", "put_blocks", "run_tasks"]
+__all__ = ["concat", "exchange", "mix64", "partition_of", "put_blocks", "run_tasks", "scatter"]
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -53,9 +53,12 @@ def concat(tables: Sequence[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def _split(table: pa.Table, by: str, partitions: int, salt: int) -> list[pa.Table]:
+def _split(table: pa.Table, by: str, partitions: int, salt: int, hashed: bool = True) -> list[pa.Table]:
     column = table.column(by).to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0, np.uint64)
-    part = partition_of(column, partitions, salt)
+    if hashed:
+        part = partition_of(column, partitions, salt)
+    else:  # the column already names the partition (an input block's index)
+        part = np.asarray(column).astype(np.int64) % partitions
     order = np.argsort(part, kind="stable")
     counts = np.bincount(part, minlength=partitions)
     ordered = table.take(pa.array(order)) if table.num_rows else table
@@ -63,9 +66,14 @@ def _split(table: pa.Table, by: str, partitions: int, salt: int) -> list[pa.Tabl
     return [ordered.slice(int(edges[i]), int(counts[i])) for i in range(partitions)]
 
 
-def _map_task(map_fn, map_args, by, partitions, salt, *blocks):
-    tables = [map_fn(b, *map_args) if map_fn is not None else b for b in blocks]
-    parts = _split(concat(tables), by, partitions, salt)
+def _map_task(map_fn, map_args, by, partitions, salt, hashed, start, *blocks):
+    if map_fn is None:
+        tables = list(blocks)
+    elif start is None:
+        tables = [map_fn(b, *map_args) for b in blocks]
+    else:  # map_fn wants the input block's index
+        tables = [map_fn(b, start + i, *map_args) for i, b in enumerate(blocks)]
+    parts = _split(concat(tables), by, partitions, salt, hashed)
     return parts[0] if partitions == 1 else tuple(parts)
 
 
@@ -80,6 +88,38 @@ def put_blocks(tables: Sequence[pa.Table]) -> list:
     return [ray.put(t) for t in tables]
 
 
+def scatter(
+    blocks: Sequence[Any],
+    *,
+    by: str,
+    partitions: int,
+    map_fn: Callable[..., pa.Table] | None = None,
+    map_args: tuple = (),
+    with_index: bool = False,
+    blocks_per_map: int = 1,
+    salt: int = 0,
+    hashed: bool = True,
+    num_cpus: float = 1.0,
+) -> list[list]:
+    """The map half of `exchange`: `parts[p]` lists the refs of every map task's part `p`.
+
+    `with_index`: `map_fn(block, block_index, *map_args)` (the block's position in `blocks`).
+    `hashed=False`: the `by` column already holds the partition (taken modulo `partitions`).
+    """
+    import ray
+
+    if partitions < 1:
+        raise ValueError("partitions must be >= 1")
+    mapper = ray.remote(_map_task).options(num_returns=partitions, num_cpus=num_cpus)
+    step = max(1, blocks_per_map)
+    mapped = []
+    for i in range(0, len(blocks), step):
+        start = i if with_index else None
+        refs = mapper.remote(map_fn, map_args, by, partitions, salt, hashed, start, *blocks[i : i + step])
+        mapped.append([refs] if partitions == 1 else list(refs))
+    return [[m[p] for m in mapped] for p in range(partitions)]
+
+
 def exchange(
     blocks: Sequence[Any],
     *,
@@ -89,8 +129,10 @@ def exchange(
     reduce_args: tuple = (),
     map_fn: Callable[..., pa.Table] | None = None,
     map_args: tuple = (),
+    with_index: bool = False,
     blocks_per_map: int = 1,
     salt: int = 0,
+    hashed: bool = True,
     num_cpus: float = 1.0,
     num_returns: int = 1,
 ) -> list:
@@ -104,6 +146,7 @@ def exchange(
             returns is the task's result (or `num_returns` results).
         map_fn: `map_fn(block, *map_args) -> Table`, applied in the map task before the split
             (an expansion such as one row per band, so the expanded rows never exist elsewhere).
+        with_index, hashed: as in `scatter`.
         blocks_per_map: input blocks per map task (fewer map tasks: fewer refs on the driver,
             which holds map tasks x partitions of them).
         salt: changes the hash, for a second independent partitioning.
@@ -113,16 +156,20 @@ def exchange(
     """
     import ray
 
-    if partitions < 1:
-        raise ValueError("partitions must be >= 1")
-    mapper = ray.remote(_map_task).options(num_returns=partitions, num_cpus=num_cpus)
+    parts = scatter(
+        blocks,
+        by=by,
+        partitions=partitions,
+        map_fn=map_fn,
+        map_args=map_args,
+        with_index=with_index,
+        blocks_per_map=blocks_per_map,
+        salt=salt,
+        hashed=hashed,
+        num_cpus=num_cpus,
+    )
     reducer = ray.remote(_reduce_task).options(num_returns=num_returns, num_cpus=num_cpus)
-    step = max(1, blocks_per_map)
-    mapped = []
-    for i in range(0, len(blocks), step):
-        refs = mapper.remote(map_fn, map_args, by, partitions, salt, *blocks[i : i + step])
-        mapped.append([refs] if partitions == 1 else list(refs))
-    return [reducer.remote(reduce_fn, reduce_args, p, *[m[p] for m in mapped]) for p in range(partitions)]
+    return [reducer.remote(reduce_fn, reduce_args, p, *parts[p]) for p in range(partitions)]
 
 
 def run_tasks(fn: Callable[..., Any], items: Sequence[Any], *args, num_cpus: float = 1.0, num_returns: int = 1) -> list:
