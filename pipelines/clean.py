@@ -6,10 +6,12 @@ per-shard writer and the reporting:
    per-sample features (image header, caption length, SHA-256, pHash); a model step
    (`clipscore`) then runs as a `map_batches` actor pool (`ClipScorer`, model loaded once per
    actor, `clipscore.num_gpus` each).
-2. Plan (driver): the steps decide in YAML order over all samples in key order, so global
-   decisions (dedup keeps the first occurrence across every shard; top-fraction CLIP score)
-   see the whole dataset. Decisions go to `OUTPUT/_plan/{shard}.parquet` (the driver writes
-   `OUTPUT/_plan/plan.json` last); reruns reuse the plan, so they make the same decisions.
+2. Plan (Ray tasks, `vlm.data.clean_plan`): the steps decide in YAML order over all samples in
+   (shard, key) order, so global decisions (dedup keeps the first occurrence across every
+   shard; top-fraction CLIP score) see the whole dataset, as distributed jobs over the feature
+   blocks in the object store: the driver holds refs and counts, never the samples' records.
+   Decisions go to `OUTPUT/_plan/{shard}.parquet` (the driver writes `OUTPUT/_plan/plan.json`
+   last); reruns reuse the plan, so they make the same decisions.
 3. Write (per shard, a Ray Data task): kept / `_dropped/` samples with
    `vlm.data.filtered_shards.write_filtered_shard` (stats last).
 4. Reporting: per-step drop counts, the CLIP score histogram, dropped examples.
@@ -24,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import shard_stage
-from pipelines.shard_stage import PLAN_DIR, Progress
+from pipelines.shard_stage import PLAN_DIR, PLAN_FILE, Progress
 from vlm import storage
 from vlm.config import to_dict
+from vlm.data import clean_plan as cp
 from vlm.data import cleaning as cl
 from vlm.data import filtered_shards as fs
 from vlm.data import shards as sh
@@ -94,9 +97,14 @@ def _feature_rows(in_dir: Path, steps: list[cl.Step], keep_image: bool):
     def read(item: dict) -> list[dict]:
         rows = []
         files = sh.read_tar_samples(sh.tar_path(in_dir, item["shard"]))
-        for key in sorted(files):
+        for rank, key in enumerate(sorted(files)):
             sample = cl.sample_from_files(key, files[key])
-            row = {"key": key, "shard": item["shard"], "features": json.dumps(cl.sample_features(cpu_steps, sample))}
+            row = {
+                "id": cp.sample_id(item["shard"], rank),
+                "key": key,
+                "shard": item["shard"],
+                "features": json.dumps(cl.sample_features(cpu_steps, sample)),
+            }
             if keep_image:
                 row["image"] = sample.image or b""
                 row["caption"] = sample.caption or ""
@@ -107,7 +115,7 @@ def _feature_rows(in_dir: Path, steps: list[cl.Step], keep_image: bool):
 
 
 def compute_features(in_dir: Path, shards: list[int], cfg: CleanConfig, steps: list[cl.Step], show_progress: bool):
-    """Every sample's features as records `{"key", <step>: features}` (order: any)."""
+    """Refs of blocks of feature rows (`id`, `shard`, `key`, `features`, `clip_score`); nothing reaches the driver."""
     import ray.data
 
     model_steps = [s for s in steps if s.needs_model]
@@ -129,64 +137,61 @@ def compute_features(in_dir: Path, shards: list[int], cfg: CleanConfig, steps: l
         )
         ds = ds.drop_columns(["image", "caption"])
     total = sum(sh.read_stats(in_dir, s).get("successes", 0) for s in shards)
-    records = []
+    blocks, rows = [], 0
     with Progress(total, desc="clean: features", enabled=show_progress) as bar:
-        for row in ds.iter_rows():
-            record = {"key": row["key"], "shard": int(row["shard"]), **json.loads(row["features"])}
-            if model_steps:
-                record[cl.ClipScoreFilter.name] = cl.ClipScoreFilter.score_features(row["clip_score"])
-            records.append(record)
-            bar.update(1)
-    return records
+        for bundle in ds.iter_internal_ref_bundles():  # block refs and row counts, not rows
+            blocks += bundle.block_refs
+            rows += bundle.num_rows() or 0
+            bar.update(bundle.num_rows() or 0)
+    return blocks, rows
 
 
-# ----------------------------------------------------------------------------- plan (driver)
+# ----------------------------------------------------------------------------- plan (Ray)
 
 
-def _plan_dir(out: Path | str) -> Path | str:
-    return sh.at(out, PLAN_DIR)
+def _partitions(rows: int) -> int:
+    from vlm.runtime import cluster_cpus
 
-
-def _write_plan_shard(out: Path, shard: int, keys: list[str], decisions: dict[str, dict]) -> None:
-    import pyarrow as pa
-
-    rows = [decisions[k] for k in keys]
-    table = pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "keep": pa.array([d["keep"] for d in rows], pa.bool_()),
-            "reason": pa.array([d["reason"] for d in rows], pa.string()),
-            "dropped_by": pa.array([d["dropped_by"] for d in rows], pa.string()),
-            "meta": pa.array([json.dumps(d["meta"], sort_keys=True) for d in rows], pa.string()),
-        }
-    )
-    sh.write_parquet(sh.at(_plan_dir(out), f"{sh.shard_name(shard)}.parquet"), table)
+    return max(1, int(cluster_cpus()), -(-rows // 1_000_000))  # ~1 M rows per reduce task
 
 
 def read_plan_shard(out: Path, shard: int) -> dict[str, dict]:
     """`{key: {"keep", "reason", "dropped_by", "meta"}}` of one shard's planned decisions."""
-    rows = sh.read_parquet(sh.at(_plan_dir(out), f"{sh.shard_name(shard)}.parquet")).to_pylist()
-    return {r["key"]: r | {"meta": json.loads(r["meta"])} for r in rows}
+    return cp.read_plan_shard(out, shard)
 
 
 def plan(in_dir: Path, out: Path, shards: list[int], cfg: CleanConfig, *, show_progress: bool = True) -> dict:
-    """Decide every sample once, over all shards in key order; decisions go to `OUT/_plan/`."""
+    """Decide every sample once, over all shards in (shard, key) order; decisions go to `OUT/_plan/`."""
     t0 = time.time()
     steps = cfg.build_steps()
-    records = compute_features(in_dir, shards, cfg, steps, show_progress)
+    blocks, rows = compute_features(in_dir, shards, cfg, steps, show_progress)
     t_features = time.time() - t0
-    decisions = cl.run_steps(steps, records)
-    by_shard: dict[int, list[str]] = {s: [] for s in shards}
-    for record in sorted(records, key=lambda r: r["key"]):
-        by_shard[record["shard"]].append(record["key"])
-    for shard, keys in by_shard.items():
-        _write_plan_shard(out, shard, keys, decisions)
-    return {
+    partitions = _partitions(rows)
+    state = cp.plan_blocks(blocks, steps, partitions=partitions, num_cpus=cfg.ray.num_cpus_per_task)
+    written = cp.write_plan(state, out, shards, [s.name for s in steps], partitions=partitions)
+    summary = {
         "shards": shards,
-        "count": len(decisions),
-        "kept": sum(d["keep"] for d in decisions.values()),
+        "count": written["count"],
+        "kept": written["kept"],
         "step_stats": {s.name: s.stats.to_dict() for s in steps},
         "features_s": round(t_features, 3),
+    }
+    if "clipscore" in cfg.steps:
+        summary["clipscore_histogram"] = _histogram_summary(written["hist"], steps)
+    return summary
+
+
+def _histogram_summary(hist, steps: list[cl.Step]) -> dict:
+    """The CLIP score histogram (fine bins over [-1, 1]) and the cutoff, for the plan file."""
+    step = next(s for s in steps if s.name == "clipscore")
+    nonzero = [i for i, c in enumerate(hist) if c]
+    lo, hi = (nonzero[0], nonzero[-1] + 1) if nonzero else (0, 0)
+    width = 2.0 / cp.HIST_BINS
+    return {
+        "lo": -1.0 + lo * width,
+        "bin_width": width,
+        "counts": [int(c) for c in hist[lo:hi]],
+        "cutoff": step.cutoff if step.cfg.mode == "top_fraction" else step.cfg.threshold,
     }
 
 
@@ -245,10 +250,9 @@ class CleanStage(shard_stage.ShardDirStage):
         return {f"step_{name}_dropped": st["dropped"] for name, st in totals["step_stats"].items()}
 
     def log_artifacts(self, run, shards: list[int], manifest: dict) -> None:
-        if "clipscore" in self.cfg.steps:
-            scores, cutoff = _clip_scores(self.out, shards)
-            if scores:
-                run.log_image(score_histogram(scores, cutoff), "clipscore_histogram.png")
+        hist = storage.read_json(sh.at(sh.at(self.out, PLAN_DIR), PLAN_FILE)).get("clipscore_histogram")
+        if hist and hist["counts"]:
+            run.log_image(score_histogram(hist), "clipscore_histogram.png")
         sheet = _dropped_sheet(self.out, shards, self.cfg.tracking.gallery_samples)
         if sheet is not None:
             run.log_image(sheet, "dropped_examples.png")
@@ -274,29 +278,28 @@ def summary_table(manifest: dict) -> str:
 # ----------------------------------------------------------------------------- reporting
 
 
-def _clip_scores(out: Path, shards: list[int]) -> tuple[list[float], float | None]:
-    scores, cutoff = [], None
-    for shard in shards:
-        for d in read_plan_shard(out, shard).values():
-            entry = d["meta"].get("clipscore")
-            if entry is not None and entry.get("score") is not None:
-                scores.append(entry["score"])
-                cutoff = entry.get("cutoff", cutoff)
-    return scores, cutoff
+def score_histogram(hist: dict, bars: int = 50):
+    """A PIL image: the CLIP score distribution of the samples that reached the step, and the cutoff.
 
+    `hist`: the plan's `clipscore_histogram` (counts in fine bins from `lo`), merged into `bars`.
+    """
+    import numpy as np
 
-def score_histogram(scores: list[float], cutoff: float | None, bins: int = 50):
-    """A PIL image: the CLIP score distribution of the samples that reached the step, and the cutoff."""
     from vlm import plots
 
+    counts = np.asarray(hist["counts"], np.int64)
+    merge = max(1, -(-len(counts) // bars))
+    counts = np.pad(counts, (0, -len(counts) % merge)).reshape(-1, merge).sum(axis=1)
+    width = hist["bin_width"] * merge
     fig, ax = plots.figure((6, 3.5))
-    ax.hist(scores, bins=bins, color="#4c72b0")
+    ax.bar(hist["lo"] + width * np.arange(len(counts)), counts, width=width, align="edge", color="#4c72b0")
+    cutoff = hist.get("cutoff")
     if cutoff is not None:
         ax.axvline(cutoff, color="#c44e52", linestyle="--", label=f"cutoff {cutoff:.3f}")
         ax.legend()
     ax.set_xlabel("CLIP image-text cosine")
     ax.set_ylabel("samples")
-    ax.set_title(f"CLIP score ({len(scores)} samples)")
+    ax.set_title(f"CLIP score ({int(counts.sum())} samples)")
     return plots.to_image(fig)
 
 

@@ -132,10 +132,14 @@ class ClipScoreFilter(Step):
         """The step's features from a scorer output (NaN: no score)."""
         return {"score": None if score is None or math.isnan(score) else round(float(score), 5)}
 
+    @property
+    def is_global(self) -> bool:
+        return self.cfg.mode == "top_fraction"
+
     def decide(self, records: list[dict]) -> list[str | None]:
         scores = [r[self.name].get("score") for r in records]
         if self.cfg.mode == "threshold":
-            cutoff, why = self.cfg.threshold, "threshold"
+            cutoff = self.cfg.threshold
             keep = [s is not None and s >= cutoff for s in scores]
         else:
             order = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])  # stable
@@ -143,9 +147,14 @@ class ClipScoreFilter(Step):
             top = set(order[:n_keep])
             keep = [i in top for i in range(len(records))]
             cutoff = scores[order[n_keep - 1]] if n_keep else None
-            why = f"top {100 * self.cfg.top_fraction:g}%"
+        return self.explain(records, keep, cutoff)
+
+    def explain(self, records: list[dict], keep: list[bool], cutoff: float | None) -> list[str | None]:
+        """Reasons (and each record's `cutoff`) once the kept set is known; shared with the distributed plan."""
+        why = "threshold" if self.cfg.mode == "threshold" else f"top {100 * self.cfg.top_fraction:g}%"
         reasons: list[str | None] = []
-        for record, score, kept in zip(records, scores, keep):
+        for record, kept in zip(records, keep, strict=True):
+            score = record[self.name].get("score")
             record[self.name]["cutoff"] = cutoff
             if kept:
                 reasons.append(None)

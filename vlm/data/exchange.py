@@ -59,7 +59,8 @@ def _split(table: pa.Table, by: str, partitions: int, salt: int, hashed: bool = 
         part = partition_of(column, partitions, salt)
     else:  # the column already names the partition (an input block's index)
         part = np.asarray(column).astype(np.int64) % partitions
-    order = np.argsort(part, kind="stable")
+    small = np.uint16 if partitions <= 1 << 16 else np.int64  # 16-bit keys: numpy's stable sort is a radix sort
+    order = np.argsort(part.astype(small), kind="stable")
     counts = np.bincount(part, minlength=partitions)
     ordered = table.take(pa.array(order)) if table.num_rows else table
     edges = np.concatenate([[0], np.cumsum(counts)])

@@ -210,12 +210,26 @@ def _digest_reduce(table: pa.Table, _p: int) -> tuple[pa.Table, pa.Table, int]:
     if table.num_rows == 0:
         empty = np.zeros(0, np.int64)
         return edges_table(empty, empty), pa.table({"id": pa.array(empty), "ph": pa.array([], pa.uint64())}), 0
-    firsts = table.group_by(["ns", "value"]).aggregate([("id", "min")])
-    joined = table.join(firsts, keys=["ns", "value"], join_type="inner")
+    # Only rows whose (namespace, 64-bit prefix) repeats can share a digest: the string work
+    # (group by the whole digest, exact) is done on those few, the rest pass as they are.
+    by, ns = table.column("by").to_numpy(), table.column("ns").to_numpy()
+    order = np.lexsort((ns, by))
+    same = (by[order][1:] == by[order][:-1]) & (ns[order][1:] == ns[order][:-1])
+    repeated = np.zeros(len(by), dtype=bool)
+    repeated[order[1:][same]] = True
+    repeated[order[:-1][same]] = True
+    single = table.filter(pa.array(~repeated))
+    multi = table.filter(pa.array(repeated))
+    firsts = multi.group_by(["ns", "value"]).aggregate([("id", "min")])
+    joined = multi.join(firsts, keys=["ns", "value"], join_type="inner")
     ids, first = joined.column("id").to_numpy(), joined.column("id_min").to_numpy()
     later = ids != first
-    reps = joined.filter(pc.and_(pc.equal(joined.column("ns"), _NS_PHASH), pa.array(~later)))
-    reps = pa.table({"id": reps.column("id"), "ph": reps.column("ph")})
+    reps = exchange.concat(
+        [
+            single.filter(pc.equal(single.column("ns"), _NS_PHASH)).select(["id", "ph"]),
+            joined.filter(pc.and_(pc.equal(joined.column("ns"), _NS_PHASH), pa.array(~later))).select(["id", "ph"]),
+        ]
+    )
     return edges_table(ids[later], first[later]), reps, reps.num_rows
 
 

@@ -26,6 +26,8 @@ from vlm.data.components import edges_table
 __all__ = ["near_pairs"]
 
 _SAMPLE = 64  # hot keys are looked for on 1 in _SAMPLE hashes
+_INDEX_BITS = 24  # a reduce with fewer rows than 2**24 sorts packed keys (40 bits of key: rare merges, verified)
+_ROW_BYTES = 40  # an expanded row in the object store, with its share of the split's copy
 
 
 def _bands(threshold: int, n: int) -> tuple[int, list[int]]:
@@ -44,9 +46,9 @@ def _bands(threshold: int, n: int) -> tuple[int, list[int]]:
     return b, masks
 
 
-def _keys(ph: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(key hash, combination index) of every (hash, mask) pair, hash-major."""
-    combo = np.tile(np.arange(len(masks), dtype=np.uint64), len(ph))
+def _keys(ph: np.ndarray, masks: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(key hash, combination index) of every (hash, mask) pair, hash-major; masks[0] is combination `offset`."""
+    combo = np.tile(np.arange(offset, offset + len(masks), dtype=np.uint64), len(ph))
     masked = (ph[:, None] & masks[None, :]).ravel()
     return exchange.mix64(masked ^ exchange.mix64(combo + np.uint64(1))), combo
 
@@ -66,14 +68,14 @@ def _hot_keys(table: pa.Table, _p: int, max_group: int) -> pa.Table:
     return pa.table({"key": pa.array(keys[hot]), "k": pa.array(np.ceil(est[hot] / max_group).astype(np.int64))})
 
 
-def _expand(reps: pa.Table, masks: np.ndarray, hot) -> pa.Table:
+def _expand(reps: pa.Table, masks: np.ndarray, offset: int, hot) -> pa.Table:
     """One row per (distinct hash, key); rows of a hot key go to k(k+1)/2 chunk-pair cells."""
     import ray
 
     hot = ray.get(hot) if isinstance(hot, ray.ObjectRef) else hot
     hot_keys, hot_k = hot.column("key").to_numpy(), hot.column("k").to_numpy()
     ph, ids = reps.column("ph").to_numpy(), reps.column("id").to_numpy()
-    key, _ = _keys(ph, masks)
+    key, _ = _keys(ph, masks, offset)
     width = len(masks)
     ph, ids = np.repeat(ph, width), np.repeat(ids, width)
     chunk = np.zeros(len(key), np.int64)
@@ -95,17 +97,12 @@ def _expand(reps: pa.Table, masks: np.ndarray, hot) -> pa.Table:
             ids = np.concatenate([ids[cold], h_ids[row]])
             chunk = np.concatenate([chunk[cold], c[row]])
             cell = np.concatenate([cell[cold], ((lo.astype(np.uint64) << np.uint64(32)) | hi.astype(np.uint64)) + 1])
-    cross = (cell != 0) & ((cell - 1) >> np.uint64(32) != (cell - 1) & np.uint64(0xFFFFFFFF))
     group = np.where(cell == 0, key, exchange.mix64(key ^ exchange.mix64(cell)))
-    return pa.table(
-        {
-            "group": pa.array(group),
-            "ph": pa.array(ph),
-            "id": pa.array(ids.astype(np.int64)),
-            "chunk": pa.array(chunk),
-            "cross": pa.array(cross),
-        }
-    )
+    columns = {"group": pa.array(group), "ph": pa.array(ph), "id": pa.array(ids.astype(np.int64))}
+    if len(hot_keys):  # which chunk-pair cell a row is in (none without hot keys: smaller rows)
+        cross = (cell != 0) & ((cell - 1) >> np.uint64(32) != (cell - 1) & np.uint64(0xFFFFFFFF))
+        columns |= {"chunk": pa.array(chunk.astype(np.int32)), "cross": pa.array(cross)}
+    return pa.table(columns)
 
 
 def _near_pairs(table: pa.Table, _p: int, threshold: int) -> pa.Table:
@@ -114,11 +111,28 @@ def _near_pairs(table: pa.Table, _p: int, threshold: int) -> pa.Table:
     if table.num_rows < 2:
         return empty
     group = table.column("group").to_numpy()
-    order = np.argsort(group, kind="stable")
-    group = group[order]
+    n = len(group)
+    if n < 1 << _INDEX_BITS:  # sort (top bits of the key | row) as one uint64: half the time of an argsort
+        low = np.uint64((1 << _INDEX_BITS) - 1)
+        packed = np.sort((group & ~low) | np.arange(n, dtype=np.uint64))
+        order, group = (packed & low).astype(np.int64), packed >> np.uint64(_INDEX_BITS)
+    else:
+        order = np.argsort(group)
+        group = group[order]
+    # Only rows in groups of two or more are compared (few: keys are ~21 bits of a 64-bit hash).
+    same = group[1:] == group[:-1]
+    paired = np.zeros(n, dtype=bool)
+    paired[1:] |= same
+    paired[:-1] |= same
+    order, group = order[paired], group[paired]
     ph, ids = table.column("ph").to_numpy()[order], table.column("id").to_numpy()[order]
-    chunk = table.column("chunk").to_numpy()[order]
-    cross = table.column("cross").to_numpy(zero_copy_only=False)[order]
+    if "chunk" in table.column_names:
+        chunk = table.column("chunk").to_numpy()[order]
+        cross = table.column("cross").to_numpy(zero_copy_only=False)[order]
+    else:
+        chunk, cross = np.zeros(len(group), np.int32), np.zeros(len(group), bool)
+    if len(group) < 2:
+        return empty
     starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
     sizes = np.diff(np.append(starts, len(group)))
     left = np.repeat(starts + sizes, sizes) - np.arange(len(group)) - 1  # rows after each in its group
@@ -173,13 +187,21 @@ def near_pairs(
         )
     )
     hot = ray.put(exchange.concat(hot).sort_by("key"))  # once, not with every map task
-    return exchange.exchange(
-        hashes,
-        by="group",
-        partitions=partitions,
-        map_fn=_expand,
-        map_args=(masks, hot),
-        reduce_fn=_near_pairs,
-        reduce_args=(threshold,),
-        num_cpus=num_cpus,
-    )
+    # Waves of key choices, so the expanded rows in the object store at once stay a fraction of it.
+    store = ray.cluster_resources().get("object_store_memory", 2e9)
+    per_wave = max(1, int(store / 4 / _ROW_BYTES / max(n_distinct, 1)))
+    edges = []
+    for lo in range(0, len(masks), per_wave):
+        wave = exchange.exchange(
+            hashes,
+            by="group",
+            partitions=partitions,
+            map_fn=_expand,
+            map_args=(masks[lo : lo + per_wave], lo, hot),
+            reduce_fn=_near_pairs,
+            reduce_args=(threshold,),
+            num_cpus=num_cpus,
+        )
+        ray.wait(wave, num_returns=len(wave), fetch_local=False)
+        edges += wave
+    return edges

@@ -80,6 +80,11 @@ class Step:
     def __init__(self) -> None:
         self.stats = StepStats()
 
+    @property
+    def is_global(self) -> bool:
+        """Whether a decision depends on other samples (dedup, a top fraction), not only on its own."""
+        return True
+
     def features(self, sample: Sample) -> dict:
         return {}
 
@@ -90,6 +95,8 @@ class Step:
 
 class PerSampleStep(Step):
     """A step whose decision needs only the sample's own features."""
+
+    is_global = False
 
     def check(self, feats: dict) -> str | None:
         raise NotImplementedError
@@ -102,12 +109,12 @@ def run_steps(steps: list[Step], records: list[dict]) -> dict[str, dict]:
     """Apply steps in order; a sample dropped by one step is not seen by the next.
 
     Args:
-        records: one per sample in key order: `{"key": str, <step name>: features dict, ...}`.
+        records: one per sample (walked in (shard, key) order): `{"key": str, <step name>: features dict, ...}`.
     Returns:
         `{key: {"keep", "reason", "dropped_by", "meta"}}`; meta holds the features/results of
         the steps that saw the sample (what KEY.json's `clean` entry records).
     """
-    records = sorted(records, key=lambda r: r["key"])
+    records = sorted(records, key=lambda r: (r.get("shard", 0), r["key"]))
     decisions = {r["key"]: {"keep": True, "reason": None, "dropped_by": None, "meta": {}} for r in records}
     alive = records
     for step in steps:
