@@ -115,7 +115,10 @@ def _feature_rows(in_dir: Path, steps: list[cl.Step], keep_image: bool):
 
 
 def compute_features(in_dir: Path, shards: list[int], cfg: CleanConfig, steps: list[cl.Step], show_progress: bool):
-    """Refs of blocks of feature rows (`id`, `shard`, `key`, `features`, `clip_score`); nothing reaches the driver."""
+    """Refs of blocks of feature rows (`id`, `shard`, `key`, `features`, `clip_score`) and their row counts.
+
+    Nothing but refs and counts reaches the driver.
+    """
     import ray.data
 
     model_steps = [s for s in steps if s.needs_model]
@@ -137,13 +140,13 @@ def compute_features(in_dir: Path, shards: list[int], cfg: CleanConfig, steps: l
         )
         ds = ds.drop_columns(["image", "caption"])
     total = sum(sh.read_stats(in_dir, s).get("successes", 0) for s in shards)
-    blocks, rows = [], 0
+    blocks, sizes = [], []
     with Progress(total, desc="clean: features", enabled=show_progress) as bar:
         for bundle in ds.iter_internal_ref_bundles():  # block refs and row counts, not rows
             blocks += bundle.block_refs
-            rows += bundle.num_rows() or 0
+            sizes += [m.num_rows or 0 for m in bundle.metadata]
             bar.update(bundle.num_rows() or 0)
-    return blocks, rows
+    return blocks, sizes
 
 
 # ----------------------------------------------------------------------------- plan (Ray)
@@ -152,7 +155,9 @@ def compute_features(in_dir: Path, shards: list[int], cfg: CleanConfig, steps: l
 def _partitions(rows: int) -> int:
     from vlm.runtime import cluster_cpus
 
-    return max(1, int(cluster_cpus()), -(-rows // 1_000_000))  # ~1 M rows per reduce task
+    # ~1 M rows per reduce task; past 500 partitions the tasks grow instead (maps x partitions stays
+    # within exchange.MAX_REFS with ~10 M-row map tasks at LAION-5B's 5.8 B rows).
+    return max(1, int(cluster_cpus()), min(500, -(-rows // 1_000_000)))
 
 
 def read_plan_shard(out: Path, shard: int) -> dict[str, dict]:
@@ -164,10 +169,10 @@ def plan(in_dir: Path, out: Path, shards: list[int], cfg: CleanConfig, *, show_p
     """Decide every sample once, over all shards in (shard, key) order; decisions go to `OUT/_plan/`."""
     t0 = time.time()
     steps = cfg.build_steps()
-    blocks, rows = compute_features(in_dir, shards, cfg, steps, show_progress)
+    blocks, sizes = compute_features(in_dir, shards, cfg, steps, show_progress)
     t_features = time.time() - t0
-    partitions = _partitions(rows)
-    state = cp.plan_blocks(blocks, steps, partitions=partitions, num_cpus=cfg.ray.num_cpus_per_task)
+    partitions = _partitions(sum(sizes))
+    state = cp.plan_blocks(blocks, steps, partitions=partitions, sizes=sizes, num_cpus=cfg.ray.num_cpus_per_task)
     written = cp.write_plan(state, out, shards, [s.name for s in steps], partitions=partitions)
     summary = {
         "shards": shards,

@@ -84,7 +84,8 @@ def _steps(names: list[str], mode: str) -> list[cl.Step]:
 def test_plan_equals_the_driver_walk(ray_local, tmp_path, names, mode):
     blocks, records = _feature_blocks(seed=len(names))
     steps = _steps(names, mode)
-    state = cp.plan_blocks(exchange.put_blocks(blocks), steps, partitions=3)
+    sizes = [b.num_rows for b in blocks] if mode == "threshold" else None  # merged into ~600-row blocks
+    state = cp.plan_blocks(exchange.put_blocks(blocks), steps, partitions=3, sizes=sizes, target_rows=600)
     written = cp.write_plan(state, tmp_path, list(range(6)), names, partitions=3)
     oracle_steps = _steps(names, mode)
     expected = cl.run_steps(oracle_steps, records)

@@ -77,8 +77,10 @@ def _walk(blocks: list[pa.Table], cfg: DedupConfig) -> dict[int, tuple]:
     ],
     ids=["default", "hot-split", "t0", "near-only-t6", "exact-only"],
 )
-def test_same_decisions_as_the_driver_walk(ray_local, cfg, max_group):
+def test_same_decisions_as_the_driver_walk(ray_local, monkeypatch, cfg, max_group):
     blocks = _clustered(seed=max_group)
+    if max_group == 8:  # also: few refs allowed, so map tasks take several blocks and align tasks several
+        monkeypatch.setattr(exchange, "MAX_REFS", 4)
     out = ray_local.get(
         dedup_decisions(exchange.put_blocks(blocks), cfg, partitions=3, mask="alive", max_group=max_group)
     )
@@ -145,3 +147,77 @@ def test_hex64_reads_hex_prefixes_and_hashes_the_rest():
     assert out[:4].tolist() == [255, 0, 0, 0xABCDEF0123456789]
     assert out[4] != 0  # not hex: a hash of the string, stable
     assert hex64(values)[4] == out[4]
+
+
+def test_driver_memory_does_not_follow_the_data(ray_local):
+    """600k feature records (~75 MB) made in Ray tasks: dedup, top fraction and URL dedup leave the driver flat."""
+    import threading
+
+    import psutil
+
+    from vlm.data import quantile
+    from vlm.data.global_dedup import first_occurrence
+
+    def make(index: int, rows: int) -> pa.Table:
+        rng = np.random.default_rng(index)
+        ids = np.arange(index * rows, (index + 1) * rows, dtype=np.int64)
+        words = rng.integers(0, 2**63, (rows, 4), dtype=np.int64).astype(">u8")
+        words[rng.random(rows) < 0.05] = words[0]  # exact duplicates of each block's first row
+        ph = rng.integers(0, 2**63, rows, dtype=np.int64).astype(np.uint64)
+        near = rng.random(rows) < 0.05
+        ph[near] = ph[0] ^ (np.uint64(1) << rng.integers(0, 64, int(near.sum())).astype(np.uint64))
+        hexes = words.tobytes().hex()
+        sha = [hexes[64 * i : 64 * (i + 1)] for i in range(rows)]
+        return pa.table(
+            {
+                "id": ids,
+                "key": [f"{i:010d}" for i in ids],
+                "sha256": sha,
+                "source_sha256": pa.nulls(rows, pa.string()),
+                "phash": [f"{int(h):016x}" for h in ph],
+                "clip_score": rng.random(rows),
+                "url_digest": pa.array(words[:, 0].astype(np.uint64)),
+            }
+        )
+
+    blocks = exchange.run_tasks(make, range(6), 100_000)
+    ray_local.wait(blocks, num_returns=len(blocks))
+    process = psutil.Process()
+    base, peak, done = process.memory_info().rss, [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        decided = ray_local.get(
+            exchange.run_tasks(
+                lambda t: int(t.column("reason").is_valid().to_numpy(zero_copy_only=False).sum()),
+                dedup_decisions(blocks, DedupConfig(), partitions=2),
+            )
+        )
+        kept = ray_local.get(
+            exchange.run_tasks(
+                lambda t: int(t.column("keep").to_numpy(zero_copy_only=False).sum()),
+                quantile.top_fraction(blocks, "clip_score", 0.3),
+            )
+        )
+        later = ray_local.get(
+            exchange.run_tasks(
+                lambda t: t.num_rows,
+                first_occurrence(blocks, digest="url_digest", order="id", partitions=2),
+            )
+        )
+    finally:
+        done.set()
+        sampler.join()
+    stored = sum(b.nbytes for b in ray_local.get(blocks[:1])) * len(blocks)
+    assert sum(decided) >= 2 * 6 * 4000  # the planted duplicates were found
+    assert sum(kept) == 180_000
+    assert sum(later) >= 6 * 4000
+    grown = (peak[0] - base) / 2**20
+    assert stored > 64 * 2**20
+    assert grown < 32, f"driver RSS grew {grown:.0f} MB over {stored / 2**20:.0f} MB of records"

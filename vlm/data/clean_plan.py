@@ -46,9 +46,11 @@ def sample_id(shard: int, rank: int) -> int:
 # ----------------------------------------------------------------------------- per-block tasks
 
 
-def _initial(block: Any) -> pa.Table:
-    """A feature block with the plan's columns (nothing dropped yet)."""
-    table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
+def _initial(*blocks: Any) -> pa.Table:
+    """Feature blocks as one block with the plan's columns (nothing dropped yet)."""
+    table = exchange.concat(
+        [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b, preserve_index=False) for b in blocks]
+    )
     n = table.num_rows
     columns = {
         "id": table.column("id").cast(pa.int64()),
@@ -164,15 +166,39 @@ def _merge(stats: list[dict]) -> StepStats:
     return total
 
 
-def plan_blocks(blocks: Sequence[Any], steps: list[Step], *, partitions: int, num_cpus: float = 1.0) -> list:
+def _coalesce(blocks: Sequence[Any], sizes: Sequence[int] | None, target_rows: int) -> list[list]:
+    """Consecutive blocks in groups of about `target_rows` rows (Ray Data makes many small ones)."""
+    if sizes is None:
+        return [[b] for b in blocks]
+    groups, rows = [[]], 0
+    for block, n in zip(blocks, sizes, strict=True):
+        if groups[-1] and rows + n > target_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append(block)
+        rows += n
+    return [g for g in groups if g]
+
+
+def plan_blocks(
+    blocks: Sequence[Any],
+    steps: list[Step],
+    *,
+    partitions: int,
+    sizes: Sequence[int] | None = None,
+    target_rows: int = 500_000,
+    num_cpus: float = 1.0,
+) -> list:
     """Run the steps in order over feature blocks; refs of the blocks with every step's outcome.
 
     Each step's `stats` are filled in (counts summed from the tasks). `blocks`: Tables (or refs,
-    or pandas frames from Ray Data) with `id`, `shard`, `key`, `features` and `clip_score`.
+    or pandas frames from Ray Data) with `id`, `shard`, `key`, `features` and `clip_score`; with
+    their row counts (`sizes`), small blocks are merged to about `target_rows` rows first.
     """
     import ray
 
-    state = exchange.run_tasks(_initial, blocks, num_cpus=num_cpus)
+    task = ray.remote(_initial).options(num_cpus=num_cpus)
+    state = [task.remote(*group) for group in _coalesce(blocks, sizes, target_rows)]
     for step in steps:
         if not step.is_global:
             out = exchange.run_tasks(_local_step, state, step, num_cpus=num_cpus, num_returns=2)

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["concat", "exchange", "mix64", "partition_of", "put_blocks", "run_tasks", "scatter"]
+__all__ = ["MAX_REFS", "concat", "exchange", "mix64", "partition_of", "put_blocks", "run_tasks", "scatter"]
+
+MAX_REFS = 250_000  # map tasks x partitions the driver may hold (object refs, ~1 KiB each with their owner entry)
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -106,13 +108,17 @@ def scatter(
 
     `with_index`: `map_fn(block, block_index, *map_args)` (the block's position in `blocks`).
     `hashed=False`: the `by` column already holds the partition (taken modulo `partitions`).
+    Map tasks take `blocks_per_map` blocks each, or more when map tasks x partitions would pass
+    `MAX_REFS`.
     """
     import ray
 
     if partitions < 1:
         raise ValueError("partitions must be >= 1")
     mapper = ray.remote(_map_task).options(num_returns=partitions, num_cpus=num_cpus)
-    step = max(1, blocks_per_map)
+    # More blocks per map task once maps x partitions would pass MAX_REFS: the refs the driver holds
+    # stay bounded however many blocks the data set has (the tasks get bigger instead).
+    step = max(1, blocks_per_map, -(-len(blocks) * partitions // MAX_REFS))
     mapped = []
     for i in range(0, len(blocks), step):
         start = i if with_index else None
@@ -148,8 +154,8 @@ def exchange(
         map_fn: `map_fn(block, *map_args) -> Table`, applied in the map task before the split
             (an expansion such as one row per band, so the expanded rows never exist elsewhere).
         with_index, hashed: as in `scatter`.
-        blocks_per_map: input blocks per map task (fewer map tasks: fewer refs on the driver,
-            which holds map tasks x partitions of them).
+        blocks_per_map: input blocks per map task at least (fewer map tasks: fewer refs on the
+            driver, which holds map tasks x partitions of them; raised to keep that <= MAX_REFS).
         salt: changes the hash, for a second independent partitioning.
     Returns:
         One ObjectRef per partition (a list of `num_returns` refs each when num_returns > 1),

@@ -293,6 +293,22 @@ def _decisions_table(columns: dict[str, list]) -> pa.Table:
     )
 
 
+def _block_group(decided: pa.Table, per: int) -> pa.Table:
+    return decided.append_column("group", pc.divide(decided.column("block"), pa.scalar(per, pa.int64())))
+
+
+def _align_group(first: int, n: int, *blocks_and_parts):
+    """`_align` for the blocks first..first+n-1, from the decisions routed to their group."""
+    blocks, parts = blocks_and_parts[:n], blocks_and_parts[n:]
+    decided = exchange.concat(list(parts)) if parts else None
+    block_of = decided.column("block").to_numpy() if decided is not None else np.zeros(0, np.int64)
+    out = [
+        _align(b, *([decided.filter(pa.array(block_of == first + i))] if decided is not None else []))
+        for i, b in enumerate(blocks)
+    ]
+    return out[0] if n == 1 else tuple(out)
+
+
 def _align(block: pa.Table, *parts: pa.Table) -> pa.Table:
     """The decisions of one input block, row for row (null reason: kept or not reaching the step)."""
     decided = (
@@ -392,6 +408,16 @@ def dedup_decisions(
         reduce_args=(cfg_dict,),
         num_cpus=num_cpus,
     )
-    back = exchange.scatter(decided, by="block", partitions=len(blocks), hashed=False, num_cpus=num_cpus)
-    align = ray.remote(_align).options(num_cpus=num_cpus)
-    return [align.remote(block, *back[i]) for i, block in enumerate(blocks)]
+    # Back to the input blocks, `per` blocks to a task so that tasks x partitions stays bounded.
+    per = max(1, -(-len(blocks) * partitions // exchange.MAX_REFS))
+    groups = -(-len(blocks) // per)
+    back = exchange.scatter(
+        decided, by="group", partitions=groups, map_fn=_block_group, map_args=(per,), hashed=False, num_cpus=num_cpus
+    )
+    out = []
+    for g in range(groups):
+        mine = list(blocks[g * per : (g + 1) * per])
+        task = ray.remote(_align_group).options(num_cpus=num_cpus, num_returns=len(mine))
+        refs = task.remote(g * per, len(mine), *mine, *back[g])
+        out += [refs] if len(mine) == 1 else list(refs)
+    return out
