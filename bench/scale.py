@@ -15,7 +15,8 @@ For each size, in a fresh process with its own local Ray (`vlm.runtime.init_ray`
 exact + near dedup) and (c) the top-fraction selection of `vlm.data.quantile`, each with the
 driver's peak RSS (psutil, sampled in a thread) and the recall of the planted duplicates. Up to
 --oracle-max records it also checks the decisions against one driver walking every record:
-a first-occurrence set for (a), `vlm.data.cleaning.Dedup.decide` for (b).
+a first-occurrence set for (a), `vlm.data.cleaning.Dedup.decide` for (b), a sort by (score, id)
+for (c).
 
     python bench/scale.py                            # 1M, 4M, 10M records
     python bench/scale.py --quick                    # 100k and 400k records, oracle on both
@@ -254,48 +255,37 @@ def run_size(n: int, opts: dict) -> dict:
 
     result["first_occurrence"] = _timed(rss, url_dedup)
 
-    try:
-        from vlm.data.global_dedup import dedup_decisions
-    except ImportError:
-        dedup_decisions = None
-    if dedup_decisions is not None:
+    from vlm.data.global_dedup import dedup_decisions
 
-        def dedup() -> dict:
-            made["decisions"] = dedup_decisions(made["features"], DedupConfig(), partitions=partitions)
-            found = _sum(
-                ray.get(
-                    [ray.remote(_dedup_found).remote(d, b, *plant) for d, b in zip(made["decisions"], made["features"])]
-                )
+    def dedup() -> dict:
+        made["decisions"] = dedup_decisions(made["features"], DedupConfig(), partitions=partitions)
+        found = _sum(
+            ray.get(
+                [ray.remote(_dedup_found).remote(d, b, *plant) for d, b in zip(made["decisions"], made["features"])]
             )
-            return found | {
-                "exact_recall": round(found["exact_found"] / max(planted["exact"], 1), 6),
-                "near_recall": round(found["near_found"] / max(planted["near"], 1), 6),
-            }
+        )
+        return found | {
+            "exact_recall": round(found["exact_found"] / max(planted["exact"], 1), 6),
+            "near_recall": round(found["near_found"] / max(planted["near"], 1), 6),
+        }
 
-        result["dedup_decisions"] = _timed(rss, dedup)
-    result["top_fraction"] = _top_fraction(rss, made["features"], partitions, opts)
+    result["dedup_decisions"] = _timed(rss, dedup)
+    result["top_fraction"] = _top_fraction(rss, made, partitions, opts)
     if n <= opts["oracle_max"]:
         result["oracle"] = _oracle(n, opts, made)
     rss.close()
     return result
 
 
-def _top_fraction(rss: PeakRss, blocks: list, partitions: int, opts: dict) -> dict | None:
-    """(c): helper B's public selection in vlm.data.quantile, when it exists."""
+def _top_fraction(rss: PeakRss, made: dict, partitions: int, opts: dict) -> dict:
+    """(c): the exact top-fraction selection of vlm.data.quantile."""
     import ray
 
-    try:
-        from vlm.data import quantile
-    except ImportError:
-        return None
-    select = getattr(quantile, "top_fraction", None)
-    if select is None:
-        return {"skipped": f"vlm.data.quantile has no top_fraction (public: {sorted(quantile.__all__)})"}
+    from vlm.data import quantile
 
     def run() -> dict:
-        refs = select(blocks, "clip_score", opts["fraction"], partitions=partitions)
-        kept = sum(ray.get(exchange.run_tasks(_selected, refs)))
-        return {"selected": kept}
+        made["top"] = quantile.top_fraction(made["features"], "clip_score", opts["fraction"], partitions=partitions)
+        return {"selected": sum(ray.get(exchange.run_tasks(_selected, made["top"])))}
 
     return _timed(rss, run)
 
@@ -327,6 +317,12 @@ def _oracle(n: int, opts: dict, made: dict) -> dict:
         dist = np.concatenate([_dropped(d, f) for d, (f, _, _) in zip(ray.get(made["decisions"]), blocks)])
         out |= {"dedup_equal": bool((walk == dist).all()), "dedup_mismatches": int((walk != dist).sum())}
         out["walk_s"] = round(time.perf_counter() - t0, 1)
+    scores = np.concatenate([f.column("clip_score").to_numpy().astype(np.float64) for f, _, _ in blocks])
+    best = np.lexsort((np.arange(n), -scores))[: round(opts["fraction"] * n)]  # by score, ties: earlier id
+    want = np.zeros(n, dtype=bool)
+    want[best] = True
+    kept = np.concatenate([t.column("keep").to_numpy(zero_copy_only=False) for t in ray.get(made["top"])])
+    out["top_fraction_equal"] = bool((kept == want).all())
     return out
 
 
@@ -346,7 +342,11 @@ def _row(r: dict, job: str) -> tuple[str, ...]:
     else:
         check = f"planted {f['planted']['exact']:,} exact, {f['planted']['near']:,} near"
     oracle = r.get("oracle", {})
-    flag = {"first_occurrence": "first_occurrence_equal", "dedup_decisions": "dedup_equal"}.get(job)
+    flag = {
+        "first_occurrence": "first_occurrence_equal",
+        "dedup_decisions": "dedup_equal",
+        "top_fraction": "top_fraction_equal",
+    }.get(job)
     if flag in oracle:
         check += ", = driver walk" if oracle[flag] else ", DIFFERS from driver walk"
     rate = r["records"] / f["wall_s"] / 1e3 if f["wall_s"] else float("nan")
