@@ -288,6 +288,7 @@ def finish(w: Worker) -> None:
     restore_scalar_state_dict(state_dict, getattr(engine.module, SCALARS_ATTR, ()))
     with export_location(out) as export_dir:
         w.task.export(state_dict, export_dir)
+        state_dict = None  # the eval loads the export; a large model's copy must not stay beside it
         publish_export(export_dir, out)
         run = w.logger.run if w.logger else None
         metrics = w.task.evaluate(export_dir, run)
@@ -450,16 +451,42 @@ def _save(engine, state: dict, spec: LoopSpec, metrics: dict) -> None:
         )
 
 
-def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """The full fp32 state dict on rank 0 (all ranks must call: ZeRO-3 gathers partitions)."""
+def gathered_state_dict(engine, chunk_numel: int = 50_000_000) -> dict[str, torch.Tensor] | None:
+    """The full fp32 state dict on rank 0 (all ranks must call: ZeRO-3 gathers partitions).
+
+    Parameters are gathered a chunk of about `chunk_numel` elements at a time, so no rank ever
+    holds the whole gathered model beside its partitions: rank 0 keeps one fp32 copy, the others
+    only the chunk in flight (a 1B-parameter model gathered at once is 4 GB more on every rank).
+    """
     import deepspeed
 
-    module = engine.module
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if engine.global_rank == 0:
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return None
+    rank0 = engine.global_rank == 0
+    layout = engine.module.state_dict(keep_vars=True)  # names; under ZeRO-3 the params are empty partitions
+    owners: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in layout.items():
+        if isinstance(value, torch.nn.Parameter):
+            owners.setdefault(id(value), (value, []))[1].append(key)
+        elif rank0:  # buffers are not partitioned
+            out[key] = value.detach().float().cpu().clone()
+
+    def take(chunk: list[tuple[torch.nn.Parameter, list[str]]]) -> None:
+        with deepspeed.zero.GatheredParameters([p for p, _ in chunk], modifier_rank=None):
+            if rank0:
+                for param, keys in chunk:
+                    first = param.detach().float().cpu().clone()
+                    out.update({k: first if i == 0 else first.clone() for i, k in enumerate(keys)})  # tied: own copies
+
+    chunk, numel = [], 0
+    for param, keys in owners.values():
+        chunk.append((param, keys))
+        numel += getattr(param, "ds_numel", param.numel())
+        if numel >= chunk_numel:
+            take(chunk)
+            chunk, numel = [], 0
+    if chunk:
+        take(chunk)
+    return {k: out[k] for k in layout} if rank0 else None
 
 
 def consolidate_zero_checkpoint(checkpoint_dir: str | Path, out_file: str | Path) -> Path:

@@ -241,7 +241,13 @@ def export_flamingo(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state_dict.items()}
+    # A copy only where storage is shared (tied weights: safetensors refuses those), not of the whole model.
+    tensors, seen = {}, set()
+    for k, v in state_dict.items():
+        t = v.detach().to(torch.float32).contiguous()
+        storage = t.untyped_storage().data_ptr()
+        tensors[k] = t.clone() if storage in seen else t
+        seen.add(storage)
     save_file(tensors, str(out / EXPORT_WEIGHTS), metadata={"format": "vlm-flamingo"})
     if trainable is not None:
         save_file({k: tensors[k] for k in trainable if k in tensors}, str(out / EXPORT_TRAINABLE))
