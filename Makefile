@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/zero_memory.py
 	$(BIN)/python bench/capfilt.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/flamingo_1b.py
 
 # On a GPU machine: every GPU path measured in one table (bench/results/gpu_check.json), then the
 # CUDA-only tests. Without a GPU the first line says so and exits 2 (its --cpu-dry-run is in `make test`).

@@ -105,3 +105,13 @@ def test_plan_equals_the_driver_walk(ray_local, tmp_path, names, mode):
     if "clipscore" in names:
         reached = sum(1 for d in expected.values() if d["meta"].get("clipscore", {}).get("score") is not None)
         assert int(written["hist"].sum()) == reached
+
+
+def test_no_samples_at_all_gives_empty_plans(ray_local, tmp_path):
+    """Input shards without one sample: every shard still gets its (empty) plan file."""
+    steps = _steps(["basic", "dedup", "clipscore"], "top_fraction")
+    state = cp.plan_blocks([], steps, partitions=2, sizes=[])
+    written = cp.write_plan(state, tmp_path, [0, 1], ["basic", "dedup", "clipscore"], partitions=2)
+    assert written["count"] == written["kept"] == 0
+    assert cp.read_plan_shard(tmp_path, 0) == cp.read_plan_shard(tmp_path, 1) == {}
+    assert all(step.stats.seen == 0 for step in steps)

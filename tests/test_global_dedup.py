@@ -221,3 +221,26 @@ def test_driver_memory_does_not_follow_the_data(ray_local):
     grown = (peak[0] - base) / 2**20
     assert stored > 64 * 2**20
     assert grown < 32, f"driver RSS grew {grown:.0f} MB over {stored / 2**20:.0f} MB of records"
+
+
+def test_equal_phashes_written_differently_and_no_blocks(ray_local):
+    """pHashes compare as numbers (the walk's int(h, 16)): upper and lower case meet even at t = 0."""
+    rng = np.random.default_rng(9)
+    ph = [f"{int(x):016x}" for x in rng.integers(0, 2**63, 40, dtype=np.int64)]
+    ph = ph + [p.upper() for p in ph[:20]]  # the first 20 again, upper case
+    blocks = [
+        pa.table(
+            {"id": np.arange(lo, lo + 30), "key": [f"k{i:03d}" for i in range(lo, lo + 30)], "phash": ph[lo : lo + 30]}
+        )
+        for lo in (0, 30)
+    ]
+    blocks = [b.append_column("sha256", pa.nulls(b.num_rows, pa.string())) for b in blocks]
+    blocks = [b.append_column("source_sha256", pa.nulls(b.num_rows, pa.string())) for b in blocks]
+    blocks = [b.append_column("alive", pa.array([True] * b.num_rows)) for b in blocks]
+    for cfg in (DedupConfig(near_threshold=0), DedupConfig()):
+        out = ray_local.get(dedup_decisions(exchange.put_blocks(blocks), cfg, partitions=2))
+        got = [r for t in out for r in t.column("reason").to_pylist()]
+        expected = _walk(blocks, cfg)
+        assert got == [expected[i][0] for i in range(60)]
+        assert sum(r is not None for r in got) == 20
+    assert dedup_decisions([], DedupConfig(), partitions=2) == []

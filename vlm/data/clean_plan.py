@@ -172,6 +172,8 @@ def _coalesce(blocks: Sequence[Any], sizes: Sequence[int] | None, target_rows: i
         return [[b] for b in blocks]
     groups, rows = [[]], 0
     for block, n in zip(blocks, sizes, strict=True):
+        if n == 0:  # an empty shard's block may have no columns at all
+            continue
         if groups[-1] and rows + n > target_rows:
             groups.append([])
             rows = 0
@@ -285,13 +287,17 @@ def write_plan(state: Sequence[Any], out: Path | str, shards: list[int], steps: 
     from vlm import storage
 
     storage.makedirs(sh.at(out, PLAN_DIR))
-    parts = ray.get(
-        exchange.exchange(
-            state,
-            by="shard",
-            partitions=max(1, min(partitions, len(shards))),
-            reduce_fn=_write_part,
-            reduce_args=(out, steps),
+    parts = (
+        []
+        if not state
+        else ray.get(
+            exchange.exchange(
+                state,
+                by="shard",
+                partitions=max(1, min(partitions, len(shards))),
+                reduce_fn=_write_part,
+                reduce_args=(out, steps),
+            )
         )
     )
     done = {s for p in parts for s in p["shards"]}

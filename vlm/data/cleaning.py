@@ -290,7 +290,12 @@ class Dedup(Step):
         linked by a shared digest or a pHash within the threshold: no sample outside a group can
         change a decision inside it, so the walk over each group is the walk over everything.
         """
-        return self._walk(records, _ScanIndex(self.cfg.near_threshold) if self.cfg.near else None)
+        if not self.cfg.near:
+            return self._walk(records, None)
+        big = len(records) > 4096  # a large component: the multi-index beats a scan per query
+        return self._walk(
+            records, _MultiIndex(self.cfg.near_threshold, len(records)) if big else _ScanIndex(self.cfg.near_threshold)
+        )
 
     def _walk(self, records: list[dict], index) -> list[str | None]:
         seen: dict[str, str] = {}  # digest -> first key

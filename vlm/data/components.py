@@ -98,6 +98,8 @@ def connected_components(edges: Sequence[Any], *, partitions: int, num_cpus: flo
     """
     import ray
 
+    if not edges:
+        return []
     current = list(edges)
     for _ in range(_MAX_ROUNDS):
         out = exchange.exchange(

@@ -80,6 +80,8 @@ def first_occurrence(
         One ObjectRef per partition to a Table (`order`, `first`: the order of the digest's first
         row), sorted by `order`. Nothing is fetched to the driver.
     """
+    if not blocks:
+        return []
     return exchange.exchange(
         blocks,
         by=by or digest,
@@ -136,6 +138,14 @@ def hex64(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return _hash64_slow(column.to_pylist())
 
 
+def _hex16(values: np.ndarray) -> pa.Array:
+    """uint64 values as 16 lowercase hex digits each (what `Dedup.features` writes), without a Python loop."""
+    n = len(values)
+    data = np.ascontiguousarray(values, dtype=np.uint64).astype(">u8").tobytes().hex().encode()
+    offsets = np.arange(0, 16 * (n + 1), 16, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
 def _hash64_slow(values: list) -> np.ndarray:
     import hashlib
 
@@ -181,6 +191,8 @@ def _digest_rows(block: pa.Table, exact: bool, near: bool, mask: str | None) -> 
         ok = pc.fill_null(ok, False)
         sel_ids, sel_col, sel_value = ids.filter(ok), col.filter(ok), value.filter(ok)
         h = hex64(sel_col)
+        if ns == _NS_PHASH:  # equal hashes meet as equal values, however they were written (case, int/hex)
+            sel_value = _hex16(h)
         parts.append(
             pa.table(
                 {
@@ -241,7 +253,7 @@ def _record_rows(block: pa.Table, index: int, mask: str | None) -> pa.Table:
         if name in block.column_names:
             col = block.column(name)
             if pa.types.is_integer(col.type):  # the walk reads pHashes as hex
-                col = pa.array([None if x is None else f"{x:016x}" for x in col.to_pylist()], pa.string())
+                col = pa.array([None if x is None else f"{x & 0xFFFFFFFFFFFFFFFF:016x}" for x in col.to_pylist()])
             columns[name] = col.cast(pa.string())
         else:
             columns[name] = pa.nulls(block.num_rows, pa.string())
@@ -363,6 +375,10 @@ def dedup_decisions(
     """
     import ray
 
+    if max_group < 1:
+        raise ValueError("max_group must be >= 1")
+    if not blocks:
+        return []
     if not cfg.exact and not cfg.near:
         return exchange.run_tasks(_align, blocks)
     stage1 = exchange.exchange(

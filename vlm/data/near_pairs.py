@@ -172,6 +172,10 @@ def near_pairs(
     """
     import ray
 
+    if max_group < 1:
+        raise ValueError("max_group must be >= 1")
+    if not hashes:
+        return []
     _, mask_list = _bands(threshold, n_distinct)
     masks = np.array(mask_list, dtype=np.uint64)
     hot = ray.get(
