@@ -150,23 +150,14 @@ def _dedup_found(decision, block: pa.Table, seed: int, exact: float, near: float
     }
 
 
-def _dropped(decision, block: pa.Table) -> np.ndarray:
-    """Boolean mask of the rows of `block` that a `dedup_decisions` result drops."""
-    if isinstance(decision, pa.Table):
-        column = decision.column("reason") if "reason" in decision.column_names else decision.column(0)
-    else:
-        column = pa.chunked_array([pa.array(list(decision))])
-    if pa.types.is_boolean(column.type):  # a keep flag
-        return ~column.to_numpy(zero_copy_only=False).astype(bool)
-    return column.is_valid().to_numpy(zero_copy_only=False)
+def _dropped(decision: pa.Table, block: pa.Table) -> np.ndarray:
+    """Boolean mask of the rows of `block` that a `dedup_decisions` result (aligned with it) drops."""
+    return decision.column("reason").is_valid().to_numpy(zero_copy_only=False)
 
 
-def _selected(result) -> int:
-    table = result if isinstance(result, pa.Table) else None
-    if table is None:
-        return int(np.asarray(result).sum())
-    column = table.column("keep") if "keep" in table.column_names else table.column(0)
-    return int(pc.sum(column.cast(pa.int64())).as_py() or 0) if pa.types.is_boolean(column.type) else table.num_rows
+def _selected(marked: pa.Table) -> int:
+    """How many rows a `quantile.top_fraction` result keeps."""
+    return int(marked.column("keep").to_numpy(zero_copy_only=False).sum())
 
 
 # ----------------------------------------------------------------------------- one size (a fresh process)

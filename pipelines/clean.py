@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import shard_stage
-from pipelines.shard_stage import PLAN_DIR, PLAN_FILE, Progress
+from pipelines.shard_stage import Progress
 from vlm import storage
 from vlm.config import to_dict
 from vlm.data import clean_plan as cp
@@ -160,11 +160,6 @@ def _partitions(rows: int) -> int:
     return max(1, int(cluster_cpus()), min(500, -(-rows // 1_000_000)))
 
 
-def read_plan_shard(out: Path, shard: int) -> dict[str, dict]:
-    """`{key: {"keep", "reason", "dropped_by", "meta"}}` of one shard's planned decisions."""
-    return cp.read_plan_shard(out, shard)
-
-
 def plan(in_dir: Path, out: Path, shards: list[int], cfg: CleanConfig, *, show_progress: bool = True) -> dict:
     """Decide every sample once, over all shards in (shard, key) order; decisions go to `OUT/_plan/`."""
     t0 = time.time()
@@ -206,7 +201,7 @@ def _histogram_summary(hist, steps: list[cl.Step]) -> dict:
 def write_shard(in_dir: Path, out: Path, shard: int) -> dict:
     """Write one output shard from its input shard and its planned decisions; the task body."""
     t0 = time.time()
-    decisions = read_plan_shard(out, shard)
+    decisions = cp.read_plan_shard(out, shard)
     samples = []
     for item in fs.read_input_shard(in_dir, shard):
         d = decisions.get(item["key"])
@@ -255,7 +250,7 @@ class CleanStage(shard_stage.ShardDirStage):
         return {f"step_{name}_dropped": st["dropped"] for name, st in totals["step_stats"].items()}
 
     def log_artifacts(self, run, shards: list[int], manifest: dict) -> None:
-        hist = storage.read_json(sh.at(sh.at(self.out, PLAN_DIR), PLAN_FILE)).get("clipscore_histogram")
+        hist = storage.read_json(shard_stage.plan_path(self.out)).get("clipscore_histogram")
         if hist and hist["counts"]:
             run.log_image(score_histogram(hist), "clipscore_histogram.png")
         sheet = _dropped_sheet(self.out, shards, self.cfg.tracking.gallery_samples)

@@ -33,7 +33,7 @@ from vlm.data import shards as sh
 from vlm.data.filtered_shards import input_shards
 from vlm.errors import InputError
 
-PLAN_DIR = "_plan"
+PLAN_DIR = sh.PLAN_DIR
 PLAN_FILE = "plan.json"
 # Per-shard stats keys that are not counts: never summed into totals.
 _NOT_COUNTS = {"shard", "stage", "kept_fraction", "duration_s", "fetch_duration_s"}
@@ -191,7 +191,7 @@ class Progress:
 # ----------------------------------------------------------------------------- checks and plan
 
 
-def _plan_path(out: Path | str) -> Path | str:
+def plan_path(out: Path | str) -> Path | str:
     return sh.at(sh.at(out, PLAN_DIR), PLAN_FILE)
 
 
@@ -201,7 +201,7 @@ def existing_plan(stage: ShardStage, fingerprint: dict) -> dict | None:
     Raises:
         InputError: the output holds complete shards made from another input or config.
     """
-    path = _plan_path(stage.out)
+    path = plan_path(stage.out)
     if storage.is_file(path):
         plan = storage.read_json(path)
         if {k: plan.get(k) for k in fingerprint} == fingerprint:
@@ -223,7 +223,7 @@ def make_plan(stage: ShardStage, fingerprint: dict, show_progress: bool) -> dict
     t0 = time.time()
     plan = fingerprint | stage.plan(plan_dir, show_progress) | {"stage": stage.name}
     plan["plan_s"] = round(time.time() - t0, 3)
-    sh.atomic_write_json(_plan_path(stage.out), plan)  # last: the plan is whole
+    sh.atomic_write_json(plan_path(stage.out), plan)  # last: the plan is whole
     return plan
 
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from vlm.data import exchange
-from vlm.data.global_dedup import digest64, first_occurrence
+from vlm.data.global_dedup import first_occurrence, hex64
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,7 @@ def test_first_occurrence_on_binary_digests_partitioned_by_prefix(ray_local):
         {
             "digest": pa.array([bytes.fromhex(d) if d else None for d in digests], pa.binary()),
             "order": pa.array(range(6), pa.int64()),
-            "by": pa.array(digest64(digests), pa.uint64()),
+            "by": pa.array(hex64(pa.array(digests, pa.string())), pa.uint64()),
         }
     )
     refs = first_occurrence([table], digest="digest", order="order", by="by", partitions=2)

@@ -34,7 +34,7 @@ from vlm.data.steps import Step, StepStats
 
 __all__ = ["HIST_BINS", "plan_blocks", "read_plan_shard", "sample_id", "write_plan", "write_plan_shard"]
 
-PLAN_DIR = "_plan"
+PLAN_DIR = sh.PLAN_DIR
 HIST_BINS = 2000  # CLIP score histogram bins over [-1, 1] (cosine), summed across tasks
 
 

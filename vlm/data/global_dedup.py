@@ -36,7 +36,7 @@ from vlm.data.near_pairs import near_pairs
 if TYPE_CHECKING:
     from vlm.data.cleaning import DedupConfig
 
-__all__ = ["dedup_decisions", "digest64", "first_occurrence", "hex64"]
+__all__ = ["dedup_decisions", "first_occurrence", "hex64"]
 
 
 def _first_in_partition(table: pa.Table, _p: int, digest: str, order: str) -> pa.Table:
@@ -91,16 +91,6 @@ def first_occurrence(
         blocks_per_map=blocks_per_map,
         num_cpus=num_cpus,
     )
-
-
-def digest64(values: Sequence[bytes | str | None]) -> np.ndarray:
-    """The first 8 bytes of each hex or binary digest as uint64 (0 for None): a partition key."""
-    out = np.zeros(len(values), dtype=np.uint64)
-    for i, v in enumerate(values):
-        if v:
-            raw = bytes.fromhex(v[:16]) if isinstance(v, str) else bytes(v[:8])
-            out[i] = int.from_bytes(raw.ljust(8, b"\0"), "little")
-    return out
 
 
 _NIBBLE = np.full(256, 255, dtype=np.uint8)

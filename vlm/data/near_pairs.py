@@ -87,9 +87,8 @@ def _expand(reps: pa.Table, masks: np.ndarray, offset: int, hot) -> pa.Table:
             k = hot_k[pos[is_hot]]
             h_ids = ids[is_hot]
             c = (exchange.mix64(h_ids.astype(np.uint64)) % k.astype(np.uint64)).astype(np.int64)
-            reps_n = k
-            row = np.repeat(np.arange(len(k)), reps_n)
-            j = np.arange(reps_n.sum()) - np.repeat(np.cumsum(reps_n) - reps_n, reps_n)
+            row = np.repeat(np.arange(len(k)), k)  # each hot row once per chunk j
+            j = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
             lo, hi = np.minimum(c[row], j), np.maximum(c[row], j)
             cold = ~is_hot
             key = np.concatenate([key[cold], key[is_hot][row]])

@@ -30,6 +30,7 @@ from vlm import storage
 
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_FILE = "manifest.json"
+PLAN_DIR = "_plan"  # a stage's persisted plan under its output (pipelines.shard_stage, vlm.data.clean_plan)
 # Fault injection for crash/resume tests: a process that has published this many shards stops
 # (hangs) right there, so a test can SIGKILL it at a known point however fast the machine is.
 HANG_AFTER_SHARDS_ENV = "VLM_TEST_HANG_AFTER_SHARDS"
