@@ -55,6 +55,11 @@ def summary(pipeline, result: dict) -> str:
     shots = {k: v for k, v in flamingo.items() if k.startswith(("accuracy", "fewshot", "rank")) and "shot" in k}
     if shots:
         lines.append("  Flamingo on held-out digits: " + ", ".join(f"{k} {_pct(v)}" for k, v in sorted(shots.items())))
+    novel = {k: v for k, v in flamingo.items() if k.startswith("novel_") and k.endswith("_acc")}
+    if novel:
+        lines.append(
+            "  Flamingo, novel digit -> word mapping: " + ", ".join(f"{k} {_pct(v)}" for k, v in sorted(novel.items()))
+        )
     report = storage.join(out["compare"], "report.html") if out.get("compare") else ""
     if report and storage.is_file(report):
         lines.append(f"  comparison report: {report}")

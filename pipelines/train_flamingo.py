@@ -13,6 +13,7 @@ freezes that, as the paper freezes its pretrained LM. An LM given by `model.lm_n
 
 from __future__ import annotations
 
+import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,13 @@ from vlm.train.config import DeepSpeedConfig, LoopConfig, OptimConfig, ScalingCo
 @dataclass
 class FlamingoEvalConfig:
     digits: bool = True  # few-shot captioning of the held-out handwritten digits
-    shots: list[int] = field(default_factory=lambda: [0, 4, 8])  # in-context examples per prompt
-    limit: int = 50  # query images (each prompted once per shot count)
+    shots: list[int] = field(default_factory=lambda: [0, 2, 4, 8])  # in-context examples per prompt
+    limit: int = 50  # query prompts per shot count (queries cycle through the held-out digits past ~230)
     image_size: int = 64  # size the held-out digits are stored at (as ingest stores training data)
     max_new_tokens: int = 16  # greedy decoding budget; the longest digit caption names it by token ~15
     ranking: bool = True  # also classify by the log-likelihood of each digit's captions (fewshot_{k}_rank_acc)
+    generate_limit: int | None = None  # decode only the first this many queries (fewshot_{k}_acc); None: all
+    novel: bool = True  # the novel-mapping task (digit -> nonce word, fresh per prompt): novel_{k}_acc
 
 
 @dataclass
@@ -48,6 +51,9 @@ class LMPretrainConfig:
     seq_len: int = 256  # at least the longest Flamingo sequence (k-shot eval prompts too): every position is trained
     warmup_steps: int = 20
     max_captions: int = 100_000  # captions read from the shards (the first ones, in shard order)
+    # Fraction of the texts that teach copying from context (text_lm.copy_texts over data.novel_classes), as a
+    # web-pretrained LM has learnt it; what few-shot learning of a novel mapping builds on. 0: captions only.
+    copy_fraction: float = 0.0
 
 
 @dataclass
@@ -158,7 +164,15 @@ def pretrain_lm(shards: list[str], out: str, cfg: TrainFlamingoConfig, mcfg) -> 
 
     from vlm.data.flamingo_data import shard_captions
     from vlm.models.flamingo.build import build_lm, build_tokenizer
-    from vlm.models.flamingo.text_lm import DONE_MARKER, TextLMTraining, is_done, pair_text, pretrain_text_lm
+    from vlm.models.flamingo.text_lm import (
+        DONE_MARKER,
+        TextLMTraining,
+        copy_texts,
+        documents,
+        is_done,
+        pair_text,
+        pretrain_text_lm,
+    )
 
     pre = cfg.lm_pretrain
     if pre.steps <= 0 or mcfg.lm_name_or_path is not None:
@@ -167,9 +181,15 @@ def pretrain_lm(shards: list[str], out: str, cfg: TrainFlamingoConfig, mcfg) -> 
     metrics: dict = {}
     if not is_done(lm_dir):
         captions = shard_captions(shards, cfg.data.caption_source, pre.max_captions, seed=cfg.train.seed)
-        texts = [pair_text(c, cfg.data.prompt) for c in captions]
-        if not texts:
+        if not captions:
             raise InputError(f"no captions in the shards to pretrain the LM on ({len(shards)} shards)")
+        per_sequence = cfg.data.images_per_sequence
+        texts = documents([pair_text(c, cfg.data.prompt) for c in captions], per_sequence)
+        if pre.copy_fraction > 0:
+            n_copy = round(len(texts) * pre.copy_fraction / (1 - pre.copy_fraction))
+            rng = random.Random(cfg.train.seed)
+            # One pair more than a training sequence holds: the k-shot prompts' k + 1 (k = images_per_sequence).
+            texts += copy_texts(cfg.data.novel_classes, n_copy, per_sequence + 1, cfg.data.prompt, rng)
         import torch
 
         torch.manual_seed(cfg.train.seed)
@@ -183,7 +203,7 @@ def pretrain_lm(shards: list[str], out: str, cfg: TrainFlamingoConfig, mcfg) -> 
                 storage.write_bytes(storage.join(lm_dir, DONE_MARKER), b"")
         else:
             metrics = pretrain_text_lm(build_lm(mcfg), build_tokenizer(mcfg), texts, lm_dir, train)
-        metrics["lm_pretrain_captions"] = len(texts)
+        metrics.update(lm_pretrain_captions=len(captions), lm_pretrain_texts=len(texts))
     return dataclasses.replace(mcfg, lm_name_or_path=lm_dir), metrics
 
 
@@ -195,6 +215,11 @@ class FlamingoTask(training.Task):
     cfg: TrainFlamingoConfig
 
     def check(self) -> None:
+        pre = self.cfg.lm_pretrain
+        if not 0.0 <= pre.copy_fraction < 1.0:
+            raise ConfigError(f"lm_pretrain.copy_fraction must be in [0, 1), got {pre.copy_fraction}")
+        if pre.copy_fraction > 0 and len(set(self.cfg.data.novel_classes)) < 2:
+            raise ConfigError("lm_pretrain.copy_fraction > 0 needs data.novel_classes: at least two class words")
         self.model_cfg = model_config(self.cfg)
         check_vision_checkpoint(self.model_cfg)
         self.image_size = vision_image_size(self.model_cfg)
@@ -282,30 +307,35 @@ def evaluate_export(export_dir, cfg: TrainFlamingoConfig, run=None) -> dict:
     from safetensors.torch import load_file
 
     from vlm.models.flamingo.build import EXPORT_WEIGHTS, gate_values, load_flamingo_export
-    from vlm.models.flamingo.eval import fewshot_digit_accuracy
+    from vlm.models.flamingo.eval import fewshot_digit_accuracy, kshot_plot, novel_mapping_accuracy, prompt_gallery
 
     export_dir = Path(export_dir)
     metrics = {f"gate_{k}": v for k, v in gate_values(load_file(str(export_dir / EXPORT_WEIGHTS))).items()}
     if not cfg.eval.digits:
         return metrics
     model, tokenizer = load_flamingo_export(export_dir)
+    common = dict(shots=cfg.eval.shots, limit=cfg.eval.limit, stored_size=cfg.eval.image_size, prompt=cfg.data.prompt)
     samples: list = []
     metrics.update(
         fewshot_digit_accuracy(
             model,
             tokenizer,
-            shots=cfg.eval.shots,
-            limit=cfg.eval.limit,
-            stored_size=cfg.eval.image_size,
-            prompt=cfg.data.prompt,
+            **common,
             max_new_tokens=cfg.eval.max_new_tokens,
             samples=samples,
             ranking=cfg.eval.ranking,
+            generate_limit=cfg.eval.generate_limit,
         )
     )
+    novel: list = []
+    if cfg.eval.novel:
+        metrics.update(novel_mapping_accuracy(model, tokenizer, **common, samples=novel))
     if run is not None:
         lines = [f"{k}-shot\tdigit {label}\t{text!r}" for k, label, text in samples]
         run.log_text("\n".join(lines) + "\n", "fewshot_samples.txt")
+        run.log_image(kshot_plot(metrics, cfg.eval.shots, cfg.eval.limit), "kshot_accuracy.png")
+        if novel:
+            run.log_image(prompt_gallery(novel, cfg.eval.image_size), "novel_prompts.png")
     return metrics
 
 

@@ -28,7 +28,7 @@ from vlm.models.flamingo.tokenizer import offline_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 VLM = Path(sys.executable).parent / "vlm"
 
-# 2 layers, hidden 32 (64 for the projected OPT), vocab 512: the offline tokenizer's 384 ids + Flamingo's 3 fit.
+# 2 layers, hidden 32 (64 for the projected OPT), vocab 512: the offline tokenizer's ~480 ids + Flamingo's 3 fit.
 # Tying follows each architecture's default (GPT-2, OPT, Gemma, Bloom, MPT tie; Llama, Qwen2 do not).
 _ATTN = {"num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
 _GQA = {**_ATTN, "hidden_size": 32, "intermediate_size": 64, "num_key_value_heads": 2}

@@ -26,7 +26,7 @@ from vlm.data.flamingo_data import (
     collate_mmc4,
     flamingo_tokenizer,
 )
-from vlm.errors import InputError
+from vlm.errors import ConfigError, InputError
 from vlm.testbed.digit_shards import write_digit_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -178,6 +178,17 @@ def test_tokenizer_is_built_once_per_process():
     assert sorted(ids) == list(range(len(tok) - 3, len(tok)))
 
 
+def test_offline_tokenizer_has_each_nonce_word_as_one_token():
+    """The novel-mapping words are single tokens after a space (what lets a tiny LM copy them from context), no
+    caption word is one of them, and the vocabulary fits the tiny LMs' 512 rows with Flamingo's 3 tokens."""
+    from vlm.models.flamingo.tokenizer import NONCE_WORDS, OFFLINE_VOCAB_SIZE, offline_tokenizer
+
+    tok = offline_tokenizer()
+    assert len(tok) <= OFFLINE_VOCAB_SIZE <= 512 - 3
+    assert all(len(tok(" " + w).input_ids) == 1 for w in NONCE_WORDS)
+    assert len(tok(" seven").input_ids) == 1 and "seven" not in NONCE_WORDS
+
+
 # ------------------------------------------------------------------ eval and export
 
 
@@ -202,17 +213,86 @@ def test_eval_queries_are_balanced_over_digits():
 
 
 def test_fewshot_eval_returns_three_accuracies():
-    """0/4/8-shot eval of a tiny model returns accuracies in [0, 1] and one sample per query and shot count."""
+    """0/4/8-shot eval of a tiny model returns accuracies in [0, 1] and one sample per decoded query and shot
+    count; past generate_limit queries are ranked only."""
     from vlm.models.flamingo import build_flamingo, flamingo_preset
     from vlm.models.flamingo.eval import fewshot_digit_accuracy
 
     torch.manual_seed(0)
     model, tok = build_flamingo(flamingo_preset("tiny", max_num_media=9))
     samples: list = []
-    acc = fewshot_digit_accuracy(model, tok, limit=3, max_new_tokens=3, samples=samples)
+    acc = fewshot_digit_accuracy(model, tok, shots=(0, 4, 8), limit=3, max_new_tokens=3, samples=samples)
     assert set(acc) == {f"fewshot_{k}_{m}" for k in (0, 4, 8) for m in ("acc", "rank_acc")}
     assert all(0.0 <= v <= 1.0 for v in acc.values())
     assert len(samples) == 9 and all(isinstance(text, str) for _, _, text in samples)
+    samples.clear()
+    fewshot_digit_accuracy(model, tok, shots=(0, 4), limit=3, max_new_tokens=3, samples=samples, generate_limit=1)
+    assert len(samples) == 2
+
+
+def test_novel_mapping_is_one_per_sequence_and_bursty():
+    """A novel-mapping sequence captions each class by one fresh nonce word; others keep their caption;
+    bursty picks draw from 2 .. n/2 of the batch's classes, never a row without a class."""
+    from vlm.data.flamingo_data import NONCE_WORDS, bursty_pick, class_of, novel_mapping
+
+    classes = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    assert class_of("a handwritten digit Seven.", classes) == 7
+    assert class_of("someone wrote it", classes) is None  # "one" inside a word is not the class
+    assert len(set(NONCE_WORDS)) == len(NONCE_WORDS) and not set(NONCE_WORDS) & set(classes)
+    rng = random.Random(0)
+    captions = ["the number two", "a photo of the digit six", "a drawing", "two, by hand"]
+    out = novel_mapping(captions, classes, rng)
+    assert out[0] == out[3] and out[0] != out[1] and out[2] == "a drawing"
+    assert {out[0], out[1]} <= set(NONCE_WORDS)
+    assert len({novel_mapping(captions, classes, rng)[0] for _ in range(10)}) > 1  # fresh per sequence
+    labels = [i % 10 for i in range(64)] + [None] * 8
+    for _ in range(50):
+        rows = bursty_pick(labels, 8, rng)
+        assert len(rows) == 8 == len(set(rows)) and all(labels[i] is not None for i in rows)
+        assert 2 <= len({labels[i] for i in rows}) <= 4
+    assert bursty_pick([None, None], 8, rng) == []
+
+
+def test_preprocess_novel_sequences_keep_one_mapping_each():
+    """With novel_fraction=1 every packed sequence's captions are nonce words, one word per class within it;
+    only words an earlier pair of the sequence had are targets (a class's first word cannot be known)."""
+    classes = ["zero", "one", "two", "three"]
+    data = FlamingoDataConfig(images_per_sequence=4, max_length=96, novel_fraction=1.0, novel_classes=classes)
+    captions = [f"the number {classes[i % 4]}" for i in range(16)]
+    out = FlamingoPreprocess(None, 32, data)(pair_batch(captions))
+    tok = flamingo_tokenizer(None)
+    media = tok.convert_tokens_to_ids("<image>")
+    for ids, labels in zip(out["input_ids"], out["labels"]):
+        text = decode(tok, [t for t in ids if t != tok.pad_token_id])
+        words = [w.split("Output:")[-1].strip() for w in text.split("<|endofchunk|>") if "Output:" in w]
+        assert len(words) == int((ids == media).sum()) >= 2
+        assert not any(c in w for w in words for c in classes)
+        targets = [w.strip() for w in decode(tok, [t for t in labels if t >= 0]).split("<|endofchunk|>") if w.strip()]
+        assert targets == [w for i, w in enumerate(words) if w in words[:i]]
+
+
+def test_novel_eval_prompts_hold_one_example_of_the_query_digit():
+    """Each k-shot novel prompt has exactly one in-context example of the query's digit and k - 1 of distinct
+    other digits; the accuracies come back for every k, one sample per prompt."""
+    from vlm.models.flamingo import build_flamingo, flamingo_preset
+    from vlm.models.flamingo.eval import novel_examples, novel_mapping_accuracy, prompt_gallery
+    from vlm.models.flamingo.tokenizer import NONCE_WORDS
+
+    rng = random.Random(0)
+    pool = {c: [10 * c + j for j in range(3)] for c in range(10)}
+    for k in (1, 2, 4, 8):
+        examples = novel_examples(pool, 3, k, rng)
+        classes = [i // 10 for i in examples]
+        assert len(examples) == k and classes.count(3) == 1 and len(set(classes)) == k
+    torch.manual_seed(0)
+    model, tok = build_flamingo(flamingo_preset("tiny", max_num_media=9))
+    samples: list = []
+    acc = novel_mapping_accuracy(model, tok, shots=(0, 2, 4), limit=4, samples=samples)
+    assert set(acc) == {"novel_0_acc", "novel_2_acc", "novel_4_acc"} and all(0 <= v <= 1 for v in acc.values())
+    assert len(samples) == 12
+    for k, examples, words, _, right, answer in samples:
+        assert len(examples) == len(words) == k and (k == 0 or right in words) and answer in NONCE_WORDS
+    assert prompt_gallery(samples, 64, rows=3).size[0] > 200
 
 
 def test_class_log_likelihoods_match_one_sequence_at_a_time():
@@ -259,6 +339,35 @@ def test_text_lm_pretraining_writes_an_lm_flamingo_loads(tmp_path):
     assert tok.convert_tokens_to_ids("<image>") == flamingo_tokenizer(None).convert_tokens_to_ids("<image>")
     assert not any(p.requires_grad for p in model.lm.get_input_embeddings().base.parameters())
     assert flamingo_tokenizer(str(tmp_path / "lm")).convert_tokens_to_ids("<image>") == model.media_token_id
+
+
+def test_packed_texts_attend_only_within_themselves():
+    """Text pretraining's document mask: a packed row gives each text the logits it has alone (mask and
+    restarted positions), so packed copy texts cannot read each other's mappings; copy texts follow one
+    mapping each, from 2 .. pairs // 2 classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vlm.models.flamingo.text_lm import copy_texts, document_attention, documents
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, vocab_size=40)
+    ).eval()
+    a, b = torch.randint(1, 40, (1, 6)), torch.randint(1, 40, (1, 5))
+    eos = torch.zeros(1, 1, dtype=torch.long)
+    row = torch.cat([a, eos, b, eos], dim=1)
+    mask, positions = document_attention(row, 0)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5]]
+    with torch.no_grad():
+        packed = lm(row, attention_mask=mask, position_ids=positions).logits
+        alone = torch.cat([lm(torch.cat([a, eos], 1)).logits, lm(torch.cat([b, eos], 1)).logits], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    assert documents(["a", "b", "c"], 2) == ["a b", "c"]
+    classes = ["zero", "one", "two", "three"]
+    for text in copy_texts(classes, 20, 8, "Output:", random.Random(0)):
+        pairs = [p.split() for p in text.split("Output:")[1:]]
+        assert len(pairs) == 8 and 2 <= len({c for c, _ in pairs}) <= 4
+        assert all(len({w for c2, w in pairs if c2 == c}) == 1 for c, _ in pairs)
 
 
 def test_shard_captions_follow_caption_source(tmp_path):
@@ -345,6 +454,23 @@ def test_clip_export_dir_supplies_the_vision_tower(tmp_path):
     assert vision_image_size(mcfg) == 32
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.novel_fraction=1.5"], r"data.novel_fraction must be in \[0, 1\], got 1.5"),
+        (["data.novel_fraction=0.2"], "data.novel_fraction > 0 needs data.novel_classes"),
+        (["data.novel_classes=[" + ",".join(f"c{i}" for i in range(49)) + "]"], "at most 48 classes"),
+        (["lm_pretrain.copy_fraction=1.0"], r"lm_pretrain.copy_fraction must be in \[0, 1\), got 1.0"),
+        (["lm_pretrain.copy_fraction=0.5"], "lm_pretrain.copy_fraction > 0 needs data.novel_classes"),
+    ],
+)
+def test_bad_novel_mapping_settings_are_one_line_config_errors(tmp_path, digit_shards, overrides, message):
+    """Novel-mapping and copy-text settings that cannot work fail at once, one line, nothing written."""
+    with pytest.raises(ConfigError, match=message) as err:
+        train_flamingo(str(digit_shards), tmp_path / "run", cfg_for(*overrides))
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+
+
 def test_missing_vision_checkpoint_is_a_one_line_error(tmp_path, digit_shards):
     """A vision_checkpoint that does not exist, or does not fit the tower, fails at once with one line."""
     with pytest.raises(InputError, match="vision checkpoint not found: .*nope") as err:
@@ -380,9 +506,18 @@ def _registered_step(out: Path) -> int:
 
 
 def test_zero3_trains_logs_gates_and_evaluates(tmp_path, digit_shards, ray_local, mlflow_store):
-    """ZeRO-3 on 2 workers, on an LM pretrained first on the shards' captions and with media centering:
-    loss goes down, gates are logged over time, the export is evaluated 0/4/8-shot by decoding and ranking."""
-    overrides = ["lm_pretrain.steps=8", "lm_pretrain.seq_len=64", "model.center_media=true"]
+    """ZeRO-3 on 2 workers, on an LM pretrained first on the shards' captions (and copy texts) and with media
+    centering, a quarter of the sequences novel-mapping ones: loss goes down, gates are logged over time, the
+    export is evaluated 0/2/4/8-shot by decoding and ranking and on the novel mapping, the k-shot curve and the
+    prompt gallery go to MLflow."""
+    overrides = [
+        "lm_pretrain.steps=8",
+        "lm_pretrain.seq_len=64",
+        "lm_pretrain.copy_fraction=0.25",
+        "model.center_media=true",
+        "data.novel_fraction=0.25",
+        "data.novel_classes=[zero,one,two,three,four,five,six,seven,eight,nine]",
+    ]
     result = train_flamingo(str(digit_shards), tmp_path / "run", cfg_for("train.max_steps=16", *overrides))
     losses = _metric_history(mlflow_store, result["mlflow_run_id"], "loss")
     assert len(losses) == 8 and losses[-1][1] < losses[0][1] - 0.5, losses
@@ -392,7 +527,12 @@ def test_zero3_trains_logs_gates_and_evaluates(tmp_path, digit_shards, ray_local
     evals = result["eval"]
     # 16 steps on an LM pretrained for 8 learn the caption format, not yet the digit: k-shot accuracy is
     # at chance here (the tiny config needs ~600 + 600 steps; README), so only its presence is checked.
-    assert {f"fewshot_{k}_{m}" for k in (0, 4, 8) for m in ("acc", "rank_acc")} <= set(evals)
+    assert {f"fewshot_{k}_{m}" for k in (0, 2, 4, 8) for m in ("acc", "rank_acc")} <= set(evals)
+    assert {f"novel_{k}_acc" for k in (0, 2, 4, 8)} <= set(evals)
+    import mlflow
+
+    artifacts = {a.path for a in mlflow.MlflowClient(mlflow_store).list_artifacts(result["mlflow_run_id"])}
+    assert {"kshot_accuracy.png", "novel_prompts.png", "fewshot_samples.txt"} <= artifacts
     lm_dir = tmp_path / "run" / "lm"
     assert (lm_dir / "_SUCCESS").is_file()
     assert json.loads((tmp_path / "run" / "model_config.json").read_text())["lm_name_or_path"] == str(lm_dir)

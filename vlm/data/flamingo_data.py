@@ -33,12 +33,14 @@ import base64
 import functools
 import json
 import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vlm.data.clip_data import PairDataConfig, load_rgb, pick_caption, to_chw, to_text
 from vlm.models.flamingo.build import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from vlm.models.flamingo.tokenizer import NONCE_WORDS
 
 IGNORE = -100  # label of positions without loss (torch's cross_entropy ignore_index)
 
@@ -49,10 +51,24 @@ class FlamingoDataConfig(PairDataConfig):
     max_length: int = 128  # L: tokens per sequence
     prompt: str = "Output:"  # text between <image> and the caption; not trained on ("" for none)
     mmc4_min_sim: float | None = None  # MMC4: drop images whose matched_sim is below this
+    # Novel-mapping sequences (learning a task from the prompt; `novel_mapping`): this fraction of sequences
+    # draws a fresh random mapping class -> nonce word, and each pair whose caption names one of
+    # `novel_classes` is captioned by its class's word alone. 0 (or no classes): captions stay as they are.
+    # Such a sequence is bursty (Chan et al. 2022: in-context learning emerges when classes recur within a
+    # context): its pairs are drawn from 2 .. images_per_sequence // 2 classes of the batch, so most of its
+    # words can be known from an earlier image of the same class.
+    novel_fraction: float = 0.0
+    novel_classes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.images_per_sequence < 1 or self.max_length < 8:
             raise ValueError("data.images_per_sequence must be >= 1 and data.max_length >= 8")
+        if not 0.0 <= self.novel_fraction <= 1.0:
+            raise ValueError(f"data.novel_fraction must be in [0, 1], got {self.novel_fraction}")
+        if self.novel_fraction > 0 and len(set(self.novel_classes)) < 2:
+            raise ValueError("data.novel_fraction > 0 needs data.novel_classes: at least two class words")
+        if len(set(self.novel_classes)) > len(NONCE_WORDS):
+            raise ValueError(f"data.novel_classes: at most {len(NONCE_WORDS)} classes")
 
 
 @dataclass
@@ -83,6 +99,61 @@ def flamingo_tokenizer(lm_name_or_path: str | None):
     return tokenizer
 
 
+def class_of(caption: str, classes: list[str]) -> int | None:
+    """Index in `classes` of the first class word `caption` contains (whole word, any case); None if none."""
+    pattern, index = _class_pattern(tuple(classes))
+    match = pattern.search(caption)
+    return None if match is None else index[match.group(1).lower()]
+
+
+@functools.lru_cache(maxsize=8)
+def _class_pattern(classes: tuple[str, ...]) -> tuple[re.Pattern, dict[str, int]]:
+    index = {c.lower(): i for i, c in reversed(list(enumerate(classes)))}  # a repeated word: its first index
+    words = sorted(index, key=len, reverse=True)  # longest first: "sixteen" before "six"
+    return re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE), index
+
+
+def novel_mapping(captions: list[str], classes: list[str], rng: random.Random) -> list[str]:
+    """One sequence's captions under a fresh random mapping class -> nonce word (from `NONCE_WORDS`).
+
+    A caption naming a class becomes that class's word; a caption naming none is left as it is. Within the
+    sequence the mapping is consistent, across sequences it is random: the word of an image is only known
+    from an earlier image of the same class in the same sequence, so learning it is learning from context.
+    """
+    words = rng.sample(NONCE_WORDS, len(classes))
+    out = []
+    for caption in captions:
+        c = class_of(caption, classes)
+        out.append(caption if c is None else words[c])
+    return out
+
+
+def bursty_pick(classes: list[int | None], n: int, rng: random.Random) -> list[int]:
+    """Up to `n` row indices (distinct, random order) drawn from 2 .. max(2, n // 2) of the classes present in
+    `classes` (rows of class None are never drawn); [] if no row has a class."""
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(classes):
+        if c is not None:
+            by_class.setdefault(c, []).append(i)
+    if not by_class:
+        return []
+    chosen = rng.sample(sorted(by_class), min(rng.randint(2, max(2, n // 2)), len(by_class)))
+    rows = [i for c in chosen for i in by_class[c]]
+    rng.shuffle(rows)
+    return rows[:n]
+
+
+def first_seen_later(captions: list[str]) -> list[bool]:
+    """True for a caption an earlier pair of the sequence already had: in a novel-mapping sequence only those
+    words can be known (from context); a class's first word is random and is context only, not a target."""
+    seen: set[str] = set()
+    out = []
+    for caption in captions:
+        out.append(caption in seen)
+        seen.add(caption)
+    return out
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
 
@@ -101,15 +172,24 @@ def pair_tokens(tokenizer, caption: str, prompt: str) -> tuple[list[int], list[i
 
 
 def pack_pairs(
-    tokenizer, images: list[np.ndarray], captions: list[str], images_per_sequence: int, max_length: int, prompt: str
+    tokenizer,
+    images: list[np.ndarray],
+    captions: list[str],
+    images_per_sequence: int,
+    max_length: int,
+    prompt: str,
+    trained: list[bool] | None = None,
 ) -> list[Sequence]:
     """Greedily pack consecutive (image (3, S, S), caption) pairs into sequences of at most
-    `images_per_sequence` images and `max_length` tokens. A pair longer than a whole row is cut."""
+    `images_per_sequence` images and `max_length` tokens. A pair longer than a whole row is cut.
+    `trained[i]` False: pair i is context only (no labels)."""
     start = _start(tokenizer)
     seqs: list[Sequence] = []
     cur = Sequence(list(start), [IGNORE] * len(start))
-    for image, caption in zip(images, captions):
+    for i, (image, caption) in enumerate(zip(images, captions)):
         ids, labels = pair_tokens(tokenizer, caption, prompt)
+        if trained is not None and not trained[i]:
+            labels = [IGNORE] * len(labels)
         full = len(cur.images) >= images_per_sequence or len(cur.ids) + len(ids) > max_length
         if cur.images and full:
             seqs.append(cur)
@@ -273,7 +353,16 @@ class FlamingoPreprocess:
         rows = decode_rows(batch, decode, self.skips)
         pixels = list(to_chw([image for image, _ in rows])) if rows else []
         captions = [caption for _, caption in rows]
-        seqs = pack_pairs(
-            tokenizer, pixels, captions, self.cfg.images_per_sequence, self.cfg.max_length, self.cfg.prompt
-        )
+        cfg, n = self.cfg, self.cfg.images_per_sequence
+        classes = [class_of(c, cfg.novel_classes) for c in captions] if cfg.novel_fraction > 0 else []
+        seqs = []
+        for start in range(0, len(captions), n):  # one sequence's pairs at a time, so a mapping stays in its sequence
+            rows = list(range(start, min(start + n, len(captions))))
+            chunk = [captions[i] for i in rows]
+            trained = None
+            if cfg.novel_fraction > 0 and rng.random() < cfg.novel_fraction:
+                rows = bursty_pick(classes, n, rng) or rows  # a few of the batch's classes, each recurring
+                chunk = novel_mapping([captions[i] for i in rows], cfg.novel_classes, rng)
+                trained = first_seen_later(chunk)
+            seqs += pack_pairs(tokenizer, [pixels[i] for i in rows], chunk, n, cfg.max_length, cfg.prompt, trained)
         return to_arrays(seqs, tokenizer.pad_token_id, self.cfg.images_per_sequence, self.cfg.max_length, self.size)

@@ -84,7 +84,7 @@ _TINY_XATTN = {
 
 FLAMINGO_PRESETS: dict[str, dict[str, Any]] = {
     # CPU debug sizes: build and train in seconds. The LM vocab only has to cover the offline tokenizer
-    # (eos id 0, ~380 ids).
+    # (eos id 0, ~480 ids).
     "tiny": {
         "vision_model": _TINY_VISION,
         **_TINY_XATTN,

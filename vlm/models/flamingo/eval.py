@@ -28,6 +28,7 @@ import torch
 from vlm.data.flamingo_data import pil_pixels
 from vlm.models.flamingo.build import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from vlm.models.flamingo.generate import generate
+from vlm.models.flamingo.tokenizer import NONCE_WORDS
 from vlm.testbed.digits import DIGIT_NAMES
 
 # The CLIP zero-shot templates (vlm.models.clip.zeroshot.DIGIT_TEMPLATES), without their final period,
@@ -58,10 +59,20 @@ def pair_text(caption: str, prompt: str) -> str:
 
 
 def balanced_queries(labels, n: int) -> list[int]:
-    """The first `n` indices taken round-robin over the labels 0-9, in set order within each label."""
+    """The first `n` indices taken round-robin over the labels 0-9, in set order within each label; past the
+    end of the set the order starts again (a query image then comes back with other in-context examples)."""
     by_label = [[i for i, y in enumerate(labels) if int(y) == d] for d in range(10)]
     order = [group[j] for j in range(max(map(len, by_label))) for group in by_label if j < len(group)]
-    return order[:n]
+    return [order[i % len(order)] for i in range(n)] if order else []
+
+
+def split_queries(labels, limit: int) -> tuple[list[int], list[int]]:
+    """(queries, pool): `POOL_SIZE` held-out images kept as in-context examples (balanced over the digits) and
+    `limit` balanced queries from the others (cycling through them when `limit` is larger)."""
+    pool = balanced_queries(labels, POOL_SIZE)
+    taken = set(pool)
+    rest = [i for i in range(len(labels)) if i not in taken]
+    return [rest[i] for i in balanced_queries([labels[i] for i in rest], limit)], pool
 
 
 @torch.no_grad()
@@ -96,6 +107,21 @@ def class_log_likelihoods(model, tokenizer, images: torch.Tensor, prompt_text: s
 
 
 @torch.no_grad()
+def _eval_images(model, shots, stored_size: int):
+    """(held-out digit set, its pixels (N, 3, S, S) at the vision tower's size); checks the model takes the
+    largest prompt's images."""
+    from vlm.models.clip.zeroshot import digits_eval_set
+
+    if max(shots) + 1 > model.config.max_num_media:
+        raise ValueError(
+            f"{max(shots)}-shot prompts need {max(shots) + 1} images; max_num_media is {model.config.max_num_media}"
+        )
+    size = model.vision_encoder.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    data = digits_eval_set(stored_size)
+    return data, torch.from_numpy(pil_pixels(data.images, size))
+
+
 def fewshot_digit_accuracy(
     model,
     tokenizer,
@@ -108,51 +134,168 @@ def fewshot_digit_accuracy(
     seed: int = 0,
     samples: list | None = None,
     ranking: bool = True,
+    generate_limit: int | None = None,
 ) -> dict[str, float]:
     """{"fewshot_{k}_acc": accuracy} for each k in `shots`, over `limit` held-out digits; with `ranking`,
     also {"fewshot_{k}_rank_acc": accuracy} of log-likelihood ranking of the class captions.
 
     Args:
         stored_size: size the held-out digits are stored at before the model's resize (as ingest stores them).
-        samples: if a list, (k, digit, generated text) of every query is appended to it.
+        samples: if a list, (k, digit, generated text) of every decoded query is appended to it.
+        generate_limit: decode only the first this many queries (decoding costs a forward pass per token; ranking
+            one per prompt); None: all of them.
     """
-    from vlm.models.clip.zeroshot import digits_eval_set
-
-    if max(shots) + 1 > model.config.max_num_media:
-        raise ValueError(
-            f"{max(shots)}-shot prompts need {max(shots) + 1} images; max_num_media is {model.config.max_num_media}"
-        )
-    size = model.vision_encoder.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    data = digits_eval_set(stored_size)
-    pixels = torch.from_numpy(pil_pixels(data.images, size))  # (N, 3, S, S)
-    queries = balanced_queries(data.labels, min(limit, len(data.labels) - POOL_SIZE))
-    taken = set(queries)
-    pool = [i for i in range(len(data.labels)) if i not in taken][:POOL_SIZE]
+    data, pixels = _eval_images(model, shots, stored_size)
+    queries, pool = split_queries(data.labels, limit)
     was_training = model.training
     model.eval()
     correct = {k: 0 for k in shots}
     ranked = {k: 0 for k in shots}
+    decoded = len(queries) if generate_limit is None else min(generate_limit, len(queries))
     class_captions = [t.format(name) for name in DIGIT_NAMES for t in CLASS_TEMPLATES]  # digit-major
     rng = random.Random(seed)
-    for q in queries:
+    for n_query, q in enumerate(queries):
         order = rng.sample(pool, max(shots))
         for k in shots:
             examples = order[:k]
             text = "".join(pair_text(data.captions[i], prompt) for i in examples) + MEDIA_TOKEN + prompt
             images = pixels[examples + [q]][:, None]  # (k+1, 1, 3, S, S)
-            out = generate(model, tokenizer, images, text, max_new_tokens=max_new_tokens)
             label = int(data.labels[q])
-            correct[k] += named_digit(out) == label
+            if n_query < decoded:
+                out = generate(model, tokenizer, images, text, max_new_tokens=max_new_tokens)
+                correct[k] += named_digit(out) == label
+                if samples is not None:
+                    samples.append((k, label, out))
             if ranking:
                 scores = class_log_likelihoods(model, tokenizer, images, text, class_captions)
                 per_digit = scores.view(len(DIGIT_NAMES), len(CLASS_TEMPLATES)).logsumexp(dim=1)  # (10,)
                 ranked[k] += int(per_digit.argmax()) == label
-            if samples is not None:
-                samples.append((k, label, out))
     model.train(was_training)
     n = max(len(queries), 1)
-    metrics = {f"fewshot_{k}_acc": correct[k] / n for k in shots}
+    metrics = {f"fewshot_{k}_acc": correct[k] / max(decoded, 1) for k in shots}
     if ranking:
         metrics.update({f"fewshot_{k}_rank_acc": ranked[k] / n for k in shots})
     return metrics
+
+
+def novel_examples(pool_labels: dict[int, list[int]], label: int, k: int, rng: random.Random) -> list[int]:
+    """k in-context example indices for a query of class `label`: one of its class and k - 1 of other classes
+    (distinct while there are enough), in random order. 0 for k = 0."""
+    if k == 0:
+        return []
+    others = [c for c in pool_labels if c != label]
+    rng.shuffle(others)
+    classes = [label] + [others[i % len(others)] for i in range(k - 1)]
+    examples = [rng.choice(pool_labels[c]) for c in classes]
+    rng.shuffle(examples)
+    return examples
+
+
+@torch.no_grad()
+def novel_mapping_accuracy(
+    model,
+    tokenizer,
+    *,
+    shots: tuple[int, ...] | list[int] = (0, 2, 4, 8),
+    limit: int = 1000,
+    stored_size: int = 64,
+    prompt: str = "Output:",
+    seed: int = 0,
+    samples: list | None = None,
+) -> dict[str, float]:
+    """{"novel_{k}_acc": accuracy} for each k in `shots`: few-shot learning of a mapping only the prompt holds.
+
+    Every prompt draws a fresh random mapping digit -> nonce word (`NONCE_WORDS`). Its k in-context examples
+    are held-out digits captioned by their word (`<image>Output: dax<|endofchunk|>`): one of the query's digit
+    and k - 1 of other digits, shuffled. The query is a held-out digit (`<image>Output:`), and the answer is
+    the best of the prompt's ten words by the log-likelihood of `" word<|endofchunk|>"`. The model never saw
+    these words with these digits, so 0-shot is at chance (0.1) by construction; above chance, the model read
+    the query image, found the example of the same digit and copied its word.
+
+    Args:
+        samples: if a list, (k, example indices, example words, query index, right word, answer) per prompt
+            is appended to it (indices into `digits_eval_set(stored_size)`).
+    """
+    data, pixels = _eval_images(model, shots, stored_size)
+    labels = [int(y) for y in data.labels]
+    queries, pool = split_queries(labels, limit)
+    by_class: dict[int, list[int]] = {}
+    for i in pool:
+        by_class.setdefault(labels[i], []).append(i)
+    was_training = model.training
+    model.eval()
+    correct = {k: 0 for k in shots}
+    rng = random.Random(seed)
+    for q in queries:
+        words = rng.sample(NONCE_WORDS, 10)  # words[d]: digit d's word in this prompt
+        label = labels[q]
+        for k in shots:
+            examples = novel_examples(by_class, label, k, rng)
+            text = "".join(pair_text(words[labels[i]], prompt) for i in examples) + MEDIA_TOKEN + prompt
+            images = pixels[examples + [q]][:, None]  # (k+1, 1, 3, S, S)
+            answer = int(class_log_likelihoods(model, tokenizer, images, text, words).argmax())
+            correct[k] += answer == label
+            if samples is not None:
+                samples.append((k, examples, [words[labels[i]] for i in examples], q, words[label], words[answer]))
+    model.train(was_training)
+    n = max(len(queries), 1)
+    return {f"novel_{k}_acc": correct[k] / n for k in shots}
+
+
+def kshot_plot(metrics: dict[str, float], shots, n: int):
+    """Accuracy against the number of in-context examples, one line per task, with 95% intervals over `n`
+    prompts and chance (0.1); a PIL image."""
+    from vlm import plots
+
+    fig, ax = plots.figure((6, 3.8))
+    series = (
+        ("novel_{}_acc", "novel mapping (ranking)"),
+        ("fewshot_{}_rank_acc", "digit captioning (ranking)"),
+        ("fewshot_{}_acc", "digit captioning (decoding)"),
+    )
+    for key, label in series:
+        ks = [k for k in shots if key.format(k) in metrics]
+        if not ks:
+            continue
+        acc = [metrics[key.format(k)] for k in ks]
+        err = [1.96 * (a * (1 - a) / max(n, 1)) ** 0.5 for a in acc]
+        ax.errorbar(ks, acc, yerr=err, marker="o", capsize=3, label=label)
+    ax.axhline(0.1, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlabel("in-context examples (shots)")
+    ax.set_ylabel("accuracy")
+    ax.set_xticks(list(shots))
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Flamingo k-shot, held-out digits ({n} prompts per point)", fontsize=10)
+    ax.legend(fontsize=8)
+    return plots.to_image(fig)
+
+
+def prompt_gallery(samples: list, stored_size: int, rows: int = 6, shots: int = 4):
+    """Novel-mapping prompts as pictures (a PIL image): per row the in-context images under their words, then
+    the query with the model's answer (green if right, red with the right word if not). `samples` as
+    `novel_mapping_accuracy` fills it; rows of `shots` examples (or the most below it) are drawn."""
+    from vlm import plots
+    from vlm.models.clip.zeroshot import digits_eval_set
+
+    ks = sorted({s[0] for s in samples if 0 < s[0] <= shots}) or sorted({s[0] for s in samples})
+    picked = [s for s in samples if s[0] == ks[-1]][:rows]
+    cols = ks[-1] + 1
+    images = digits_eval_set(stored_size).images
+    fig, axes = plots.figure((1.3 * cols, 1.45 * len(picked)), nrows=len(picked), ncols=cols, squeeze=False)
+    for row, (_, examples, words, query, right, answer) in zip(axes, picked):
+        for ax, i, word in zip(row, examples + [query], words + [None]):
+            ax.imshow(images[i])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if word is not None:
+                ax.set_title(word, fontsize=9)
+            else:
+                ok = answer == right
+                ax.set_title(
+                    f"-> {answer}" if ok else f"-> {answer} ({right})", fontsize=9, color="green" if ok else "red"
+                )
+                for side in ax.spines.values():
+                    side.set_edgecolor("green" if ok else "red")
+                    side.set_linewidth(2)
+    fig.suptitle(f"{ks[-1]}-shot novel mapping: in-context examples, then the query", fontsize=10)
+    return plots.to_image(fig)

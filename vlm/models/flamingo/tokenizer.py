@@ -2,16 +2,43 @@
 
 Tiny test and demo LMs have no tokenizer on disk and there is no hub access, so we build one: byte-level
 BPE (GPT-2's scheme, so any text round-trips and nothing maps to <unk>) trained at build time on a fixed,
-in-code corpus of caption and digit vocabulary. Training is deterministic for a fixed corpus and settings,
-so every process builds the same ids. It takes a few milliseconds.
+in-code corpus of caption and digit vocabulary, and of the made-up words (`NONCE_WORDS`) the novel-mapping
+task maps digits to. Each of those words is one token here, as a common short word is one token of a real LM's
+tokenizer: split into letters (" zugi" -> " ", "z", "u", "g", "i") the tiny LMs cannot learn to copy them
+from context, since the first letter is two tokens after the key. Training is deterministic for a fixed corpus
+and settings, so every process builds the same ids. It takes a few milliseconds.
 """
 
 from __future__ import annotations
 
+import random
+
 from transformers import PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
-OFFLINE_VOCAB_SIZE = 384  # byte alphabet (256) + eos + merges; LM configs for it need vocab_size >= this + 3
+OFFLINE_VOCAB_SIZE = 509  # at most: byte alphabet (256) + eos + merges; LM configs need vocab_size >= this + 3
+
+
+def nonce_words(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct made-up words ("dax", "blicket"-like: 1-2 consonant-vowel syllables and an optional
+    final consonant), the same for a given seed in every process. None is an English number word."""
+    rng = random.Random(seed)
+    consonants, vowels, finals = "bcdfghjklmnprstvwz", "aeiou", ("", "", "k", "p", "t", "x")
+    reserved = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "not"}
+    out: list[str] = []
+    seen = set(reserved)
+    while len(out) < n:
+        word = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.randint(1, 2)))
+        word += rng.choice(finals)
+        if len(word) >= 3 and word not in seen:
+            seen.add(word)
+            out.append(word)
+    return out
+
+
+# The pool every novel mapping draws from (training and the eval): words no caption holds, each a single
+# token of the offline tokenizer (" " + word). 48 is what fits beside the caption vocabulary in 509 ids.
+NONCE_WORDS = nonce_words(48)
 
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _TEMPLATES = [
@@ -29,7 +56,9 @@ _TEMPLATES = [
 
 def _corpus() -> list[str]:
     lines = [t.format(w=w, d=d) for t in _TEMPLATES for d, w in enumerate(_DIGITS)]
-    return lines * 4  # repeats make the digit words and template words win the first merges
+    # Repeats make the digit words and template words win the first merges; the nonce words come after a
+    # space, as they do in text, so each merges into one " word" token.
+    return lines * 4 + [" " + " ".join(NONCE_WORDS)] * 8
 
 
 def offline_tokenizer(vocab_size: int = OFFLINE_VOCAB_SIZE) -> PreTrainedTokenizerFast:
