@@ -242,9 +242,9 @@ class ToyLM(nn.Module):
     def __init__(self):
         super().__init__()
         self.config = type("Cfg", (), {"vocab_size": 400})()
-        self.embed = nn.Embedding(400, 64)
+        self.embed = nn.Embedding(512, 64)
         self.blocks = nn.ModuleList(nn.Linear(64, 64) for _ in range(2))
-        self.head = nn.Linear(64, 400)
+        self.head = nn.Linear(64, 512)
 
     def get_input_embeddings(self):
         return self.embed
