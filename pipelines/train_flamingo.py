@@ -55,6 +55,10 @@ class LMPretrainConfig:
     # web-pretrained LM has learnt it; what few-shot learning of a novel mapping builds on. 0: captions only.
     copy_fraction: float = 0.0
 
+    def validate(self) -> None:
+        if not 0.0 <= self.copy_fraction < 1.0:
+            raise ValueError(f"lm_pretrain.copy_fraction must be in [0, 1), got {self.copy_fraction}")
+
 
 @dataclass
 class TrainFlamingoConfig:
@@ -72,6 +76,10 @@ class TrainFlamingoConfig:
     train: LoopConfig = field(default_factory=lambda: LoopConfig(global_batch_size=8))  # sequences per step
     eval: FlamingoEvalConfig = field(default_factory=FlamingoEvalConfig)
     tracking: TrackingConfig = field(default_factory=tracking_defaults("train-flamingo"))
+
+    def validate(self) -> None:
+        if self.lm_pretrain.copy_fraction > 0 and len(set(self.data.novel_classes)) < 2:
+            raise ValueError("lm_pretrain.copy_fraction > 0 needs data.novel_classes: at least two class words")
 
 
 def model_config(cfg: TrainFlamingoConfig):
@@ -215,11 +223,6 @@ class FlamingoTask(training.Task):
     cfg: TrainFlamingoConfig
 
     def check(self) -> None:
-        pre = self.cfg.lm_pretrain
-        if not 0.0 <= pre.copy_fraction < 1.0:
-            raise ConfigError(f"lm_pretrain.copy_fraction must be in [0, 1), got {pre.copy_fraction}")
-        if pre.copy_fraction > 0 and len(set(self.cfg.data.novel_classes)) < 2:
-            raise ConfigError("lm_pretrain.copy_fraction > 0 needs data.novel_classes: at least two class words")
         self.model_cfg = model_config(self.cfg)
         check_vision_checkpoint(self.model_cfg)
         self.image_size = vision_image_size(self.model_cfg)

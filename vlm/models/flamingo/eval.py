@@ -20,6 +20,7 @@ greedy decoding happens to pick first. Neither score reads the query's caption.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 
@@ -106,22 +107,29 @@ def class_log_likelihoods(model, tokenizer, images: torch.Tensor, prompt_text: s
     return (picked * (tgt != -100)).sum(dim=1).cpu()
 
 
-@torch.no_grad()
+@functools.lru_cache(maxsize=2)
+def _held_out_set(stored_size: int):
+    """The held-out digits at `stored_size` (vlm.models.clip.zeroshot.digits_eval_set, ~2.4 s to render), once
+    per process: both k-shot evals and the prompt gallery read it."""
+    from vlm.models.clip.zeroshot import digits_eval_set
+
+    return digits_eval_set(stored_size)
+
+
 def _eval_images(model, shots, stored_size: int):
     """(held-out digit set, its pixels (N, 3, S, S) at the vision tower's size); checks the model takes the
     largest prompt's images."""
-    from vlm.models.clip.zeroshot import digits_eval_set
-
     if max(shots) + 1 > model.config.max_num_media:
         raise ValueError(
             f"{max(shots)}-shot prompts need {max(shots) + 1} images; max_num_media is {model.config.max_num_media}"
         )
     size = model.vision_encoder.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    data = digits_eval_set(stored_size)
+    data = _held_out_set(stored_size)
     return data, torch.from_numpy(pil_pixels(data.images, size))
 
 
+@torch.no_grad()
 def fewshot_digit_accuracy(
     model,
     tokenizer,
@@ -275,12 +283,11 @@ def prompt_gallery(samples: list, stored_size: int, rows: int = 6, shots: int = 
     the query with the model's answer (green if right, red with the right word if not). `samples` as
     `novel_mapping_accuracy` fills it; rows of `shots` examples (or the most below it) are drawn."""
     from vlm import plots
-    from vlm.models.clip.zeroshot import digits_eval_set
 
     ks = sorted({s[0] for s in samples if 0 < s[0] <= shots}) or sorted({s[0] for s in samples})
     picked = [s for s in samples if s[0] == ks[-1]][:rows]
     cols = ks[-1] + 1
-    images = digits_eval_set(stored_size).images
+    images = _held_out_set(stored_size).images
     fig, axes = plots.figure((1.3 * cols, 1.45 * len(picked)), nrows=len(picked), ncols=cols, squeeze=False)
     for row, (_, examples, words, query, right, answer) in zip(axes, picked):
         for ax, i, word in zip(row, examples + [query], words + [None]):

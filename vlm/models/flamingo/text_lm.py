@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from vlm.models.flamingo.tokenizer import NONCE_WORDS
+
 DONE_MARKER = "_SUCCESS"  # written last: a directory without it is an unfinished run
 
 
@@ -42,8 +44,6 @@ def copy_texts(classes: list[str], n: int, pairs: int, prompt: str, rng: random.
     """`n` texts that can only be continued by copying from earlier in the text (induction, which pretrained
     LMs learn from the web): each is `pairs` of `{prompt} {class} {word}` under a fresh random mapping class ->
     nonce word, the classes drawn from a few (bursty), so a class that comes back is followed by its word."""
-    from vlm.models.flamingo.tokenizer import NONCE_WORDS
-
     out = []
     for _ in range(n):
         chosen = rng.sample(classes, min(rng.randint(2, max(2, pairs // 2)), len(classes)))
